@@ -1,0 +1,43 @@
+"""Pure, batched, device-agnostic kernels under the transforms.
+
+Data flows one way: saliency -> patch grid (:func:`saliency_to_patch_grid`) -> masks
+(:func:`draw_mask_params`) -> fill (:func:`apply_fill`). Each step is a function of tensors that can be
+called on its own, has no Python loop over images and no host synchronisation, and takes an optional
+``torch.Generator`` for every random draw.
+"""
+
+from salmask.functional._fill import fill_blur, fill_constant, fill_high_pass, fill_mean, fill_noise
+from salmask.functional._filters import gaussian_blur, high_pass
+from salmask.functional._grid import expand_patch_mask, patch_grid_size, saliency_to_patch_grid
+from salmask.functional._masking import FILLS, apply_fill, draw_mask_params, mask_images
+from salmask.functional._sampling import (
+    MASK_TYPES,
+    draw_mask_types,
+    draw_ratios,
+    focal_window_mask,
+    masked_patch_counts,
+    sample_patch_mask,
+)
+
+__all__ = [
+    "FILLS",
+    "MASK_TYPES",
+    "apply_fill",
+    "draw_mask_params",
+    "draw_mask_types",
+    "draw_ratios",
+    "expand_patch_mask",
+    "fill_blur",
+    "fill_constant",
+    "fill_high_pass",
+    "fill_mean",
+    "fill_noise",
+    "focal_window_mask",
+    "gaussian_blur",
+    "high_pass",
+    "mask_images",
+    "masked_patch_counts",
+    "patch_grid_size",
+    "saliency_to_patch_grid",
+    "sample_patch_mask",
+]
