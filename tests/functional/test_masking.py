@@ -1,0 +1,226 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from salmask import RELEASE_MASK_TYPE_PROBS
+from salmask.functional import (
+    FILLS,
+    apply_fill,
+    draw_mask_params,
+    expand_patch_mask,
+    mask_images,
+    masked_patch_counts,
+)
+
+SPATIAL, CHANNEL, FOCAL = 0, 1, 2
+
+
+def centred_saliency(batch_size, size=7):
+    saliency = torch.zeros(batch_size, size, size, dtype=torch.bool)
+    saliency[:, 2:5, 1:6] = True
+    return saliency
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch_size=st.integers(1, 5),
+    height=st.integers(32, 100),
+    width=st.integers(32, 100),
+    patch_size=st.integers(4, 32),
+    ratio=st.floats(0, 1),
+    hard_negative=st.booleans(),
+    channel_wise=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_params_follow_the_saliency_on_any_grid(
+    batch_size, height, width, patch_size, ratio, hard_negative, channel_wise, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    saliency = torch.rand(batch_size, height, width, generator=gen) < torch.rand(batch_size, 1, 1, generator=gen)
+    params = draw_mask_params(
+        (batch_size, 3, height, width),
+        saliency,
+        ratio=ratio,
+        patch_size=patch_size,
+        hard_negative=hard_negative,
+        mask_type_probs={"channel": 1.0} if channel_wise else None,
+        generator=gen,
+    )
+    foreground = params["foreground"].flatten(1)
+    patch_mask = params["patch_mask"].flatten(2)
+    assert patch_mask.shape[1] == (3 if channel_wise else 1)
+    fg_count, bg_count = masked_patch_counts(foreground, params["ratio"], hard_negative=hard_negative)
+    assert torch.equal((patch_mask & foreground[:, None]).sum(-1), fg_count[:, None].expand_as(patch_mask[..., 0]))
+    assert torch.equal((patch_mask & ~foreground[:, None]).sum(-1), bg_count[:, None].expand_as(patch_mask[..., 0]))
+    assert torch.equal(params["mask"], expand_patch_mask(params["patch_mask"], (height, width), patch_size))
+    expected_valid = foreground.any(1) if hard_negative else torch.ones(batch_size, dtype=torch.bool)
+    assert torch.equal(params["valid"], expected_valid)
+
+
+def test_mask_types_are_mixed_per_image_and_read_back():
+    params = draw_mask_params(
+        (256, 3, 224, 224),
+        centred_saliency(256),
+        mask_type_probs=RELEASE_MASK_TYPE_PROBS,
+        generator=torch.Generator().manual_seed(0),
+    )
+    mask_type = params["mask_type"]
+    assert set(mask_type.tolist()) == {SPATIAL, CHANNEL, FOCAL}
+    spatial, channel, focal = (params["mask"][mask_type == code] for code in (SPATIAL, CHANNEL, FOCAL))
+    assert (spatial == spatial[:, :1]).all()  # one set for every channel
+    assert (channel != channel[:, :1]).any()  # a set per channel
+    assert not params["patch_mask"][mask_type == FOCAL].any()
+    kept = 200 * 200
+    assert (focal.flatten(2).sum(-1) == 224 * 224 - kept).all()
+
+
+def test_focal_hard_negatives_fill_a_window_and_stay_valid_without_foreground():
+    params = draw_mask_params(
+        (4, 3, 224, 224),
+        torch.zeros(4, 7, 7, dtype=torch.bool),
+        hard_negative=True,
+        mask_type_probs={"focal": 1.0},
+    )
+    assert (params["mask"].flatten(1).sum(1) == 130 * 130).all()
+    assert params["valid"].all()
+
+
+def test_p_decides_which_images_are_masked():
+    params = draw_mask_params(
+        (400, 3, 64, 64),
+        centred_saliency(400),
+        ratio=0.5,
+        patch_size=8,
+        p=0.3,
+        hard_negative=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    applied = params["applied"]
+    assert 0.2 < applied.float().mean() < 0.4
+    assert not params["mask"][~applied].any() and params["mask"][applied].flatten(1).any(1).all()
+    assert torch.equal(params["valid"], applied)
+
+
+def test_same_on_batch_shares_every_draw():
+    params = draw_mask_params(
+        (6, 3, 224, 224),
+        mask_type_probs=RELEASE_MASK_TYPE_PROBS,
+        same_on_batch=True,
+        generator=torch.Generator().manual_seed(1),
+    )
+    for value in params.values():
+        assert (value == value[:1]).all()
+
+
+def test_one_image_without_batch_dimension():
+    params = draw_mask_params((3, 224, 224), centred_saliency(1)[0], ratio=0.25)
+    assert params["mask"].shape == (1, 224, 224) and params["ratio"].shape == ()
+    masked, _ = mask_images(torch.rand(3, 224, 224), centred_saliency(1)[0], "mean", ratio=0.25)
+    assert masked.shape == (3, 224, 224)
+
+
+def test_saliency_batch_must_match_the_images():
+    with pytest.raises(ValueError, match="saliency holds 3 maps but the images are a batch of 2"):
+        draw_mask_params((2, 3, 224, 224), centred_saliency(3))
+    with pytest.raises(ValueError, match="saliency holds 2 maps but the images are one image"):
+        draw_mask_params((3, 224, 224), centred_saliency(2))
+    with pytest.raises(TypeError, match="saliency must be bool or float"):
+        draw_mask_params((2, 3, 224, 224), centred_saliency(2).long())
+    with pytest.raises(ValueError, match="needs a saliency map"):
+        draw_mask_params((2, 3, 224, 224), hard_negative=True)
+
+
+@pytest.mark.parametrize(
+    ("mask_type_probs", "error"),
+    [({"spatial": 0.5}, "sum to 1"), ({"cutout": 1.0}, "unknown mask types"), ({"spatial": 1.5}, "probability")],
+)
+def test_bad_mask_type_probabilities_are_rejected(mask_type_probs, error):
+    with pytest.raises(ValueError, match=error):
+        draw_mask_params((2, 3, 64, 64), mask_type_probs=mask_type_probs)
+
+
+@pytest.mark.parametrize("fill", ["blur", "mean", "constant", "high_pass"])
+def test_batched_fill_equals_per_image_fill_for_the_same_params(fill):
+    images = torch.rand(5, 3, 96, 80)
+    params = draw_mask_params(images.shape, ratio=(0.2, 0.6), mask_type_probs=RELEASE_MASK_TYPE_PROBS, patch_size=16)
+    options = {"noise_std": 0.0} if fill == "high_pass" else {}
+    batched = apply_fill(images, params["mask"], fill, **options)
+    for index in range(5):
+        single = apply_fill(images[index], params["mask"][index], fill, **options)
+        torch.testing.assert_close(batched[index], single, rtol=0, atol=1e-6)
+
+
+def test_seeded_generator_makes_masks_and_fills_reproducible():
+    images = torch.rand(4, 3, 64, 64)
+    first, first_params = mask_images(images, fill="high_pass", generator=torch.Generator().manual_seed(9))
+    second, second_params = mask_images(images, fill="high_pass", generator=torch.Generator().manual_seed(9))
+    assert torch.equal(first, second)
+    for name in first_params:
+        assert torch.equal(first_params[name], second_params[name])
+
+
+def test_unknown_fill_is_rejected():
+    with pytest.raises(ValueError, match="fill must be one of"):
+        apply_fill(torch.rand(3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool), "cutout")
+
+
+class _OperatorLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.operators = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operators.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+HOST_SYNC_OPERATORS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+
+@pytest.mark.parametrize("fill", sorted(FILLS))
+@pytest.mark.parametrize("hard_negative", [False, True])
+def test_batched_path_is_loop_free_and_never_syncs_with_the_host(fill, hard_negative):
+    counts = []
+    for batch_size in (2, 8, 32):
+        images = torch.rand(batch_size, 3, 64, 64)
+        saliency = torch.rand(batch_size, 7, 7) < 0.5
+        with _OperatorLog() as log:
+            mask_images(
+                images,
+                saliency,
+                fill,
+                ratio=(0.4, 0.7),
+                hard_negative=hard_negative,
+                mask_type_probs=RELEASE_MASK_TYPE_PROBS,
+                patch_size=8,
+            )
+        assert not HOST_SYNC_OPERATORS & set(log.operators)
+        counts.append(len(log.operators))
+    assert len(set(counts)) == 1, f"operator count grows with the batch: {counts}"
+
+
+@pytest.mark.slow
+def test_compiles_as_one_graph():
+    def step(images, saliency):
+        return mask_images(images, saliency, "high_pass", mask_type_probs=RELEASE_MASK_TYPE_PROBS)[0]
+
+    compiled = torch.compile(step, fullgraph=True)
+    images, saliency = torch.rand(4, 3, 64, 64), torch.rand(4, 7, 7) < 0.5
+    out = compiled(images, saliency)
+    assert out.shape == images.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fill", ["blur", "mean", "constant", "high_pass"])
+def test_cuda_matches_cpu_for_the_same_params(fill):
+    images = torch.rand(6, 3, 96, 96)
+    params = draw_mask_params(images.shape, centred_saliency(6), mask_type_probs=RELEASE_MASK_TYPE_PROBS)
+    options = {"noise_std": 0.0} if fill == "high_pass" else {}
+    cpu = apply_fill(images, params["mask"], fill, **options)
+    cuda = apply_fill(images.cuda(), params["mask"].cuda(), fill, **options)
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-4)
+    cuda_params = draw_mask_params(images.shape, centred_saliency(6).cuda(), ratio=0.25)
+    assert cuda_params["mask"].device.type == "cuda"
+    assert (cuda_params["patch_mask"].flatten(1).sum(1) == 12).all()
