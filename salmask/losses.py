@@ -396,15 +396,17 @@ def extend_moco_logits(
     of the training loop stay as they are and compute :class:`HardNegativeInfoNCE`'s loss. Invalid hard
     negatives get ``-inf`` logits, which ``nn.CrossEntropyLoss`` handles (without label smoothing).
 
-    The patch to facebookresearch/moco (``moco/builder.py``, ``MoCo.forward``; pass ``im_hard`` from
-    ``main_moco.py`` as ``model(im_q=images[0], im_k=images[1], im_hard=images[2])``)::
+    The patch to facebookresearch/moco is three lines in ``MoCo.forward`` (``moco/builder.py``, which
+    also needs ``from salmask import extend_moco_logits``); ``main_moco.py`` then calls
+    ``model(im_q=images[0], im_k=images[1], im_hard=images[2])`` and keeps its criterion::
 
-        # 1. inside the existing `with torch.no_grad():` block, after the keys are encoded:
-        t = nn.functional.normalize(self.encoder_k(im_hard), dim=1)
-        # 2. just before `return logits, labels`:
-        logits, labels = extend_moco_logits(logits, labels, q, t, temperature=self.T)
-        # 3. and `def forward(self, im_q, im_k, im_hard):`, with
-        #    `from salmask import extend_moco_logits` at the top of the file.
+        def forward(self, im_q, im_k, im_hard):  # 1. was (self, im_q, im_k)
+            ...
+            # 2. inside the existing `with torch.no_grad():` block, next to the keys:
+            t = nn.functional.normalize(self.encoder_k(im_hard), dim=1)
+            ...
+            # 3. just before `return logits, labels`:
+            logits, labels = extend_moco_logits(logits, labels, q, t, temperature=self.T)
 
     ``_dequeue_and_enqueue(k)`` stays as it is: hard negatives are never enqueued. Under shuffling BN,
     shuffle ``im_hard`` like ``im_k`` (``_batch_shuffle_ddp``/``_batch_unshuffle_ddp``).
