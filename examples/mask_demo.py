@@ -1,0 +1,104 @@
+"""Mask real photos with every strategy and write a PNG grid.
+
+Each row is a photo that ships with scikit-image; the columns show the photo with its foreground patch
+grid, a positive view for each strategy (high-pass, strong blur, mean fill), the MSCN baseline (uniform
+random masks with the high-pass recipe) and a hard negative (foreground patches only).
+
+    python examples/mask_demo.py --out outputs/mask_demo.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from skimage import data
+from torchvision.transforms.v2 import functional as TF
+
+from salmask import BlurMask, HardNegativeMask, HighPassMask, MeanFillMask, Saliency
+from salmask.functional import expand_patch_mask, saliency_to_patch_grid
+
+PHOTOS = {"cat": data.chelsea, "coffee": data.coffee, "astronaut": data.astronaut, "rocket": data.rocket}
+VIEW_SIZE = 224
+PATCH_SIZE = 32
+
+
+def load_views(names: list[str]) -> torch.Tensor:
+    """The photos as a float batch of square 224 px views, centre-cropped."""
+    views = []
+    for name in names:
+        image = torch.from_numpy(PHOTOS[name]()).permute(2, 0, 1)
+        image = TF.center_crop(image, [min(image.shape[-2:])] * 2)
+        views.append(TF.resize(image, [VIEW_SIZE, VIEW_SIZE], antialias=True))
+    return torch.stack(views).float() / 255
+
+
+def centre_prior_saliency(batch_size: int) -> Saliency:
+    """A centred ellipse covering about a third of the view: where photographers put the subject."""
+    coords = torch.linspace(-1, 1, VIEW_SIZE)
+    inside = coords[:, None] ** 2 / 0.55**2 + coords[None, :] ** 2 / 0.6**2 <= 1
+    return Saliency(inside.expand(batch_size, -1, -1).clone())
+
+
+def show(image: torch.Tensor, high_passed: bool = False):
+    if high_passed:
+        # High-passed views are signed and small; stretch them around grey to be seen.
+        image = (image * 3 + 0.5).clamp(0, 1)
+    return image.permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/mask_demo.png"))
+    parser.add_argument("--photos", nargs="+", default=list(PHOTOS), choices=list(PHOTOS))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    views = load_views(args.photos)
+    saliency = centre_prior_saliency(len(views))
+    generator = torch.Generator().manual_seed(args.seed)
+    # The upper end of each ratio range, so the masks are easy to see.
+    columns = {
+        "high-pass": (HighPassMask(ratio=0.25, mask_type_probs={"spatial": 1.0}, generator=generator), True),
+        "strong blur": (BlurMask(ratio=0.25, generator=generator), False),
+        "mean fill": (MeanFillMask(ratio=0.25, generator=generator), False),
+        "MSCN (random)": (HighPassMask(ratio=0.25, mask_type_probs={"spatial": 1.0}, generator=generator), True),
+        "hard negative": (HardNegativeMask("blur", ratio=0.7, generator=generator), False),
+    }
+    outputs = {}
+    for title, (transform, _) in columns.items():
+        if title.startswith("MSCN"):
+            outputs[title] = transform(views)  # no saliency: uniform random masks
+        else:
+            outputs[title] = transform(views, saliency)[0]
+
+    grid = saliency_to_patch_grid(saliency, (VIEW_SIZE, VIEW_SIZE), PATCH_SIZE)
+    grid_pixels = expand_patch_mask(grid, (VIEW_SIZE, VIEW_SIZE), PATCH_SIZE)
+    figure, axes = plt.subplots(len(views), len(columns) + 1, figsize=(2.2 * (len(columns) + 1), 2.3 * len(views)))
+    axes = axes.reshape(len(views), -1)
+    for row, name in enumerate(args.photos):
+        overlay = views[row] * (0.45 + 0.55 * grid_pixels[row].float())
+        axes[row, 0].imshow(show(overlay))
+        axes[row, 0].set_ylabel(name)
+        for column, (title, (_, high_passed)) in enumerate(columns.items(), start=1):
+            axes[row, column].imshow(show(outputs[title][row], high_passed))
+            if row == 0:
+                axes[row, column].set_title(title, fontsize=9)
+        if row == 0:
+            axes[row, 0].set_title("foreground patches", fontsize=9)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
