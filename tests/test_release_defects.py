@@ -36,7 +36,7 @@ def test_background_count_is_never_negative_nor_everything(num_foreground, ratio
     # nearly the whole background.
     foreground = torch.zeros(1, 49, dtype=torch.bool)
     foreground[:, :num_foreground] = True
-    fg_count, bg_count = masked_patch_counts(foreground, torch.tensor([ratio]))
+    fg_count, bg_count = masked_patch_counts(foreground, torch.tensor([ratio], dtype=torch.float64))
     expected_background = ratio * (49 - num_foreground)
     assert 0 <= bg_count.item() <= round(expected_background) + 1
     assert fg_count.item() + bg_count.item() == int(ratio * 49 + 0.5)

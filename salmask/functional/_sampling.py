@@ -97,6 +97,8 @@ def masked_patch_counts(foreground: Tensor, ratio: Tensor, *, hard_negative: boo
     num_patches = foreground.shape[-1]
     num_foreground = foreground.sum(dim=-1)
     num_background = num_patches - num_foreground
+    # Double precision on these (B,) tensors keeps products like 0.7 * 5 from rounding across a half.
+    ratio = ratio.double()
     foreground_share = _round_half_up(ratio * num_foreground)
     if hard_negative:
         # Clamping to [1, n_foreground] in this order leaves 0 exactly when there is no foreground.
