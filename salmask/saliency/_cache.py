@@ -1,0 +1,385 @@
+"""Saliency cache: each dataset image's SCDA activation map, computed once, stored in one small file."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from salmask.saliency._scda import SCDA, _check_threshold_std, scda_foreground
+from salmask.tv_tensors import Saliency
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CACHE_FORMAT_VERSION",
+    "SaliencyCache",
+    "SaliencyCacheError",
+    "build_saliency_cache",
+    "load_saliency_cache",
+]
+
+CACHE_FORMAT = "salmask.saliency-cache"
+CACHE_FORMAT_VERSION = 1
+
+_HEADER_KEYS = (
+    "format",
+    "version",
+    "backbone",
+    "threshold_std",
+    "largest_component",
+    "image_size",
+    "grid",
+    "num_images",
+    "complete",
+)
+
+
+class SaliencyCacheError(ValueError):
+    """A saliency cache file is malformed, incomplete, or does not belong to the dataset it is used with."""
+
+
+def quantize_activation(activation: Tensor) -> Tensor:
+    """Min-max scale each ``(U, V)`` activation map to ``[0, 255]`` and round to uint8.
+
+    The SCDA rule ``A >= mean - k * std`` is unchanged by a positive affine map of ``A``, so the stored
+    bytes keep the foreground for every ``k`` up to rounding. A constant map becomes all zeros (and is
+    then all foreground, as in :func:`~salmask.saliency.scda_foreground`).
+    """
+    values = activation.float().flatten(1)
+    low = values.amin(dim=1, keepdim=True)
+    spread = values.amax(dim=1, keepdim=True) - low
+    scaled = torch.where(spread > 0, (values - low) / spread.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return (scaled * 255).round().clamp(0, 255).to(torch.uint8).view_as(activation)
+
+
+def _nearest_indices(source: int, target: int, device: torch.device) -> Tensor:
+    # Centre-aligned nearest neighbour: target pixel i samples source cell floor((i + 0.5) * source / target).
+    positions = (torch.arange(target, device=device, dtype=torch.float64) + 0.5) * (source / target)
+    return positions.floor().long().clamp_(0, source - 1)
+
+
+class SaliencyCache:
+    """SCDA activation maps of every image of a dataset, loaded from a cache file.
+
+    Holds the per-image min-max quantised activation maps ``(N, U, V)`` uint8 (the network's native grid
+    for the whole image), the dataset's relative file paths and the header they were made with. The
+    foreground rule is applied on access, so the threshold can differ from the one recorded.
+
+    Attributes:
+        header: ``backbone``, ``threshold_std``, ``largest_component``, ``image_size``, ``grid``,
+            ``num_images``, ``complete``, ``format``, ``version``.
+        activation: ``(N, U, V)`` uint8 quantised activation maps.
+        done: ``(N,)`` bool, which entries have been computed (all of them in a complete cache).
+        paths: relative file paths of the images, in dataset order.
+    """
+
+    def __init__(
+        self, header: dict[str, Any], activation: Tensor, done: Tensor, paths: Sequence[str]
+    ) -> None:
+        self.header = dict(header)
+        self.activation = activation
+        self.done = done
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return self.activation.shape[0]
+
+    def __repr__(self) -> str:
+        header = self.header
+        return (
+            f"SaliencyCache(num_images={len(self)}, backbone={header['backbone']!r}, "
+            f"grid={tuple(header['grid'])}, "
+            f"image_size={tuple(header['image_size'])}, threshold_std={header['threshold_std']}, "
+            f"complete={header['complete']})"
+        )
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(U, V)`` size of the stored maps."""
+        return tuple(self.activation.shape[1:])  # type: ignore[return-value]
+
+    def activation_map(self, index: int | Tensor) -> Tensor:
+        """Stored activation map(s) as floats in ``[0, 1]``: ``(U, V)`` for an int, ``(B, U, V)`` else."""
+        return self.activation[index].float() / 255
+
+    def foreground(
+        self,
+        index: int | Tensor,
+        threshold_std: float | None = None,
+        largest_component: bool | None = None,
+    ) -> Tensor:
+        """Boolean foreground of the stored map(s), with the recorded rule unless overridden.
+
+        Args:
+            index: an entry, or a 1-D tensor of entries (batched, no Python loop).
+            threshold_std: ``k`` in ``mean - k * std``; ``None`` uses the header's.
+            largest_component: keep the largest component only; ``None`` uses the header's.
+
+        Returns:
+            ``(U, V)`` or ``(B, U, V)`` bool tensor.
+        """
+        threshold_std = self.header["threshold_std"] if threshold_std is None else threshold_std
+        largest_component = (
+            self.header["largest_component"] if largest_component is None else largest_component
+        )
+        return scda_foreground(self.activation_map(index), threshold_std, largest_component=largest_component)
+
+    def saliency(
+        self,
+        index: int,
+        size: Sequence[int],
+        threshold_std: float | None = None,
+        largest_component: bool | None = None,
+    ) -> Saliency:
+        """Foreground of entry ``index`` resized (nearest) to an image's ``(H, W)``, as a bool Saliency.
+
+        At the image's own size, torchvision's v2 geometric transforms crop and flip the map exactly as
+        they crop and flip the image.
+        """
+        if len(size) != 2 or not all(int(s) > 0 for s in size):
+            raise ValueError(f"size must be a pair (H, W) of positive ints, got {size!r}")
+        if not bool(self.done[index]):
+            raise SaliencyCacheError(f"entry {index} of the saliency cache has not been computed yet")
+        foreground = self.foreground(index, threshold_std, largest_component)
+        height, width = int(size[0]), int(size[1])
+        rows = _nearest_indices(foreground.shape[0], height, foreground.device)
+        columns = _nearest_indices(foreground.shape[1], width, foreground.device)
+        return Saliency(foreground[rows[:, None], columns[None, :]])
+
+    def state(self) -> dict[str, Any]:
+        """The dict written to disk: header fields, ``paths``, ``activation`` and ``done``."""
+        return {**self.header, "paths": list(self.paths), "activation": self.activation, "done": self.done}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically: a temporary file next to ``path``, then a rename, so a crash never leaves a
+        half-written cache."""
+        path = Path(path)
+        temporary = path.with_name(path.name + ".partial")
+        torch.save(self.state(), temporary)
+        os.replace(temporary, path)
+
+
+def _fail(path: Path, message: str) -> SaliencyCacheError:
+    return SaliencyCacheError(f"saliency cache {str(path)!r}: {message}")
+
+
+def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> SaliencyCache:
+    """Load and validate a saliency cache written by :func:`build_saliency_cache`.
+
+    Args:
+        path: the cache file.
+        allow_incomplete: accept a cache whose build was interrupted (to resume it).
+
+    Returns:
+        The :class:`SaliencyCache`.
+
+    Raises:
+        SaliencyCacheError: wrong format or version, inconsistent shapes or dtypes, or an incomplete cache.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"saliency cache {str(path)!r} does not exist; build it with "
+            "`python -m salmask.saliency.cache --root <ImageFolder> --out <file>`"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise _fail(path, f"not a readable cache file ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
+        raise _fail(path, f"not a salmask saliency cache (expected format {CACHE_FORMAT!r})")
+    if state.get("version") != CACHE_FORMAT_VERSION:
+        raise _fail(
+            path, f"format version {state.get('version')!r}, this salmask reads {CACHE_FORMAT_VERSION}"
+        )
+    missing = [key for key in (*_HEADER_KEYS, "paths", "activation", "done") if key not in state]
+    if missing:
+        raise _fail(path, f"missing fields {missing}")
+    activation, done, paths = state["activation"], state["done"], state["paths"]
+    num_images = state["num_images"]
+    grid = tuple(state["grid"])
+    if not isinstance(activation, Tensor) or activation.dtype != torch.uint8 or activation.ndim != 3:
+        raise _fail(path, "activation must be a (N, U, V) uint8 tensor")
+    if tuple(activation.shape) != (num_images, *grid):
+        raise _fail(
+            path, f"activation shape {tuple(activation.shape)} does not match header {(num_images, *grid)}"
+        )
+    if not isinstance(done, Tensor) or done.dtype != torch.bool or tuple(done.shape) != (num_images,):
+        raise _fail(path, f"done must be a ({num_images},) bool tensor")
+    if not isinstance(paths, list) or len(paths) != num_images:
+        raise _fail(
+            path, f"expected {num_images} paths, found {len(paths) if isinstance(paths, list) else paths!r}"
+        )
+    complete = bool(state["complete"]) and bool(done.all())
+    if not complete and not allow_incomplete:
+        raise _fail(
+            path,
+            f"incomplete ({int(done.sum())} of {num_images} images computed); re-run the same "
+            "`python -m salmask.saliency.cache` command to finish it",
+        )
+    header = {key: state[key] for key in _HEADER_KEYS}
+    return SaliencyCache(header, activation, done, paths)
+
+
+class _IndexedImages(Dataset):
+    """Images of an ImageFolder at a fixed size, with their dataset index instead of the class."""
+
+    def __init__(self, folder: Any, indices: Tensor) -> None:
+        self.folder = folder
+        self.indices = indices.tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int]:
+        index = self.indices[position]
+        image, _ = self.folder[index]
+        return image, index
+
+
+def _relative_paths(folder: Any) -> list[str]:
+    root = Path(folder.root)
+    return [Path(path).relative_to(root).as_posix() for path, _ in folder.samples]
+
+
+def build_saliency_cache(
+    root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    scda: SCDA,
+    *,
+    image_size: int = 448,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    checkpoint_seconds: float = 60.0,
+    progress: bool = True,
+) -> SaliencyCache:
+    """Compute the SCDA activation map of every image of an ImageFolder once and store them in one file.
+
+    Each whole image is resized to ``image_size`` x ``image_size`` (aspect ratio not kept: the map is
+    stretched back to the image's own size when served), normalised with the ImageNet statistics and run
+    through ``scda``; the map is stored at the network's native grid (14 x 14 for stride-32 networks at
+    448 px: 196 bytes per image, 26 MB for ImageNet-100).
+
+    The build is resumable: the file is checkpointed atomically every ``checkpoint_seconds`` and on
+    interruption, and re-running the same call continues with the images not yet computed. A file made
+    with another backbone, image size or set of images is refused rather than mixed.
+
+    Args:
+        root: ImageFolder root (``root/<class>/<image>``).
+        out: cache file to write (conventionally ``*.pt``).
+        scda: the localization network; its ``name``, ``threshold_std`` and ``largest_component`` are
+            recorded in the header.
+        image_size: side the whole image is resized to before the network.
+        batch_size: images per forward.
+        num_workers: DataLoader worker processes that decode images.
+        device: where to run ``scda``; ``None`` keeps the module where it is.
+        checkpoint_seconds: time between checkpoints of an unfinished cache.
+        progress: show a tqdm progress bar if tqdm is installed.
+
+    Returns:
+        The complete :class:`SaliencyCache`.
+    """
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    from salmask.saliency._backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    if not isinstance(scda, SCDA):
+        raise TypeError(f"scda must be an SCDA module, got {type(scda).__name__}")
+    if not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    out = Path(out)
+    if device is not None:
+        scda = scda.to(device)
+    device = next(iter(scda.parameters()), torch.empty(0)).device
+    transform = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    folder = ImageFolder(os.fspath(root), transform=transform)
+    paths = _relative_paths(folder)
+    grid = tuple(scda.activation_map(torch.zeros(1, 3, image_size, image_size, device=device)).shape[-2:])
+    header = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_FORMAT_VERSION,
+        "backbone": scda.name,
+        "threshold_std": _check_threshold_std(scda.threshold_std),
+        "largest_component": scda.largest_component,
+        "image_size": [image_size, image_size],
+        "grid": list(grid),
+        "num_images": len(paths),
+        "complete": False,
+    }
+
+    if out.exists():
+        cache = load_saliency_cache(out, allow_incomplete=True)
+        for key in ("backbone", "image_size", "grid", "num_images"):
+            if cache.header[key] != header[key]:
+                raise _fail(
+                    out,
+                    f"was built with {key}={cache.header[key]!r}, this run has {header[key]!r}; "
+                    "write to another file or delete it",
+                )
+        if cache.paths != paths:
+            first = next(i for i, (a, b) in enumerate(zip(cache.paths, paths, strict=True)) if a != b)
+            raise _fail(
+                out, f"entry {first} is {cache.paths[first]!r} in the cache but {paths[first]!r} under root"
+            )
+        # Thresholds are applied on access, so a resumed build may record a new one.
+        cache.header.update(
+            threshold_std=header["threshold_std"], largest_component=header["largest_component"]
+        )
+        cache.activation = cache.activation.clone()
+        cache.done = cache.done.clone()
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cache = SaliencyCache(
+            header,
+            torch.zeros(len(paths), *grid, dtype=torch.uint8),
+            torch.zeros(len(paths), dtype=torch.bool),
+            paths,
+        )
+
+    remaining = (~cache.done).nonzero().flatten()
+    loader = DataLoader(
+        _IndexedImages(folder, remaining), batch_size=batch_size, num_workers=num_workers, shuffle=False
+    )
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=len(paths), initial=int(cache.done.sum()), unit="img", desc="saliency cache")
+
+    last_checkpoint = time.monotonic()
+    try:
+        for images, indices in loader:
+            activation = scda.activation_map(images.to(device, non_blocking=True))
+            cache.activation[indices] = quantize_activation(activation).cpu()
+            cache.done[indices] = True
+            if bar is not None:
+                bar.update(len(indices))
+            if time.monotonic() - last_checkpoint >= checkpoint_seconds:
+                cache.save(out)
+                last_checkpoint = time.monotonic()
+    finally:
+        if bar is not None:
+            bar.close()
+        cache.header["complete"] = bool(cache.done.all())
+        cache.save(out)
+    return cache
