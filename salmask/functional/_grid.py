@@ -60,11 +60,15 @@ def expand_patch_mask(patch_mask: Tensor, image_size: tuple[int, int], patch_siz
             f"patch_size={patch_size}, got shape {tuple(patch_mask.shape)}"
         )
     patch_height, patch_width = as_pair(patch_size)
-    # One gather instead of two repeat_interleave copies: each pixel looks up its patch.
-    device = patch_mask.device
-    row_of_pixel = torch.arange(image_size[0], device=device) // patch_height
-    col_of_pixel = torch.arange(image_size[1], device=device) // patch_width
-    return patch_mask[..., row_of_pixel[:, None], col_of_pixel[None, :]]
+    # Broadcast each patch over its pixels and crop the ceil grid's overhang: one contiguous copy, several
+    # times faster than a gather of every pixel's patch.
+    leading = patch_mask.shape[:-2]
+    pixels = patch_mask[..., :, None, :, None].expand(*leading, rows, patch_height, cols, patch_width)
+    pixels = pixels.reshape(*leading, rows * patch_height, cols * patch_width)
+    height, width = image_size
+    if (rows * patch_height, cols * patch_width) != (height, width):
+        pixels = pixels[..., :height, :width].contiguous()
+    return pixels
 
 
 def _patch_areas(image_size: tuple[int, int], patch_size: tuple[int, int], device: torch.device) -> Tensor:

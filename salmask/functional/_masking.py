@@ -174,16 +174,20 @@ def draw_mask_params(
     patch_mask = patch_mask.unflatten(-1, (rows, cols))
     mask = expand_patch_mask(patch_mask, image_size, patch_size)
 
-    focal_mask, focal_window = focal_window_mask(
-        batch_size,
-        image_size,
-        focal_fill_fraction if hard_negative else focal_keep_fraction,
-        keep_window=not hard_negative,
-        **draw,
-    )
-    is_focal = ((mask_type == FOCAL) & applied)[:, None, None, None]
-    mask = torch.where(is_focal, focal_mask, mask)
-
+    uses_focal = mask_type_probs.get("focal", 0.0) > 0
+    if uses_focal:
+        focal_mask, focal_window = focal_window_mask(
+            batch_size,
+            image_size,
+            focal_fill_fraction if hard_negative else focal_keep_fraction,
+            keep_window=not hard_negative,
+            **draw,
+        )
+        is_focal = ((mask_type == FOCAL) & applied)[:, None, None, None]
+        mask = torch.where(is_focal, focal_mask, mask)
+    else:
+        # Skipping the focal pass when focal masks cannot be drawn saves two passes over the pixels.
+        focal_window = torch.zeros(batch_size, 4, dtype=torch.long, device=device)
     if hard_negative:
         valid = applied & ((mask_type == FOCAL) | patch_mask.flatten(1).any(dim=1))
     else:

@@ -257,8 +257,11 @@ def focal_window_mask(
     cols = torch.arange(width, device=device)[None, :]
     in_rows = (rows >= top[:, None]) & (rows < top[:, None] + window_height)
     in_cols = (cols >= left[:, None]) & (cols < left[:, None] + window_width)
-    inside = in_rows[:, :, None] & in_cols[:, None, :]
-    mask = ~inside if keep_window else inside
+    # Negate the small per-row and per-column vectors, not the (B, H, W) mask: one pass over the pixels.
+    if keep_window:
+        mask = ~in_rows[:, :, None] | ~in_cols[:, None, :]
+    else:
+        mask = in_rows[:, :, None] & in_cols[:, None, :]
     sizes = torch.tensor([window_height, window_width], device=device).expand(batch_size, 2)
     window = torch.cat([top[:, None], left[:, None], sizes], dim=1)
     return mask[:, None], window
