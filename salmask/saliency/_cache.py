@@ -79,9 +79,7 @@ class SaliencyCache:
         paths: relative file paths of the images, in dataset order.
     """
 
-    def __init__(
-        self, header: dict[str, Any], activation: Tensor, done: Tensor, paths: Sequence[str]
-    ) -> None:
+    def __init__(self, header: dict[str, Any], activation: Tensor, done: Tensor, paths: Sequence[str]) -> None:
         self.header = dict(header)
         self.activation = activation
         self.done = done
@@ -125,9 +123,7 @@ class SaliencyCache:
             ``(U, V)`` or ``(B, U, V)`` bool tensor.
         """
         threshold_std = self.header["threshold_std"] if threshold_std is None else threshold_std
-        largest_component = (
-            self.header["largest_component"] if largest_component is None else largest_component
-        )
+        largest_component = self.header["largest_component"] if largest_component is None else largest_component
         return scda_foreground(self.activation_map(index), threshold_std, largest_component=largest_component)
 
     def saliency(
@@ -195,9 +191,7 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
     if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
         raise _fail(path, f"not a salmask saliency cache (expected format {CACHE_FORMAT!r})")
     if state.get("version") != CACHE_FORMAT_VERSION:
-        raise _fail(
-            path, f"format version {state.get('version')!r}, this salmask reads {CACHE_FORMAT_VERSION}"
-        )
+        raise _fail(path, f"format version {state.get('version')!r}, this salmask reads {CACHE_FORMAT_VERSION}")
     missing = [key for key in (*_HEADER_KEYS, "paths", "activation", "done") if key not in state]
     if missing:
         raise _fail(path, f"missing fields {missing}")
@@ -207,15 +201,11 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
     if not isinstance(activation, Tensor) or activation.dtype != torch.uint8 or activation.ndim != 3:
         raise _fail(path, "activation must be a (N, U, V) uint8 tensor")
     if tuple(activation.shape) != (num_images, *grid):
-        raise _fail(
-            path, f"activation shape {tuple(activation.shape)} does not match header {(num_images, *grid)}"
-        )
+        raise _fail(path, f"activation shape {tuple(activation.shape)} does not match header {(num_images, *grid)}")
     if not isinstance(done, Tensor) or done.dtype != torch.bool or tuple(done.shape) != (num_images,):
         raise _fail(path, f"done must be a ({num_images},) bool tensor")
     if not isinstance(paths, list) or len(paths) != num_images:
-        raise _fail(
-            path, f"expected {num_images} paths, found {len(paths) if isinstance(paths, list) else paths!r}"
-        )
+        raise _fail(path, f"expected {num_images} paths, found {len(paths) if isinstance(paths, list) else paths!r}")
     complete = bool(state["complete"]) and bool(done.all())
     if not complete and not allow_incomplete:
         raise _fail(
@@ -335,13 +325,9 @@ def build_saliency_cache(
                 )
         if cache.paths != paths:
             first = next(i for i, (a, b) in enumerate(zip(cache.paths, paths, strict=True)) if a != b)
-            raise _fail(
-                out, f"entry {first} is {cache.paths[first]!r} in the cache but {paths[first]!r} under root"
-            )
+            raise _fail(out, f"entry {first} is {cache.paths[first]!r} in the cache but {paths[first]!r} under root")
         # Thresholds are applied on access, so a resumed build may record a new one.
-        cache.header.update(
-            threshold_std=header["threshold_std"], largest_component=header["largest_component"]
-        )
+        cache.header.update(threshold_std=header["threshold_std"], largest_component=header["largest_component"])
         cache.activation = cache.activation.clone()
         cache.done = cache.done.clone()
     else:

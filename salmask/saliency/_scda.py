@@ -300,17 +300,13 @@ class SCDA(nn.Module):
                 raise ValueError(f"images must be (B, C, H, W) tensors, got {got}")
         if len({tuple(view.shape[1:]) for view in views}) > 1:
             shapes = [tuple(view.shape) for view in views]
-            raise ValueError(
-                f"views passed together must share (C, H, W) to run in one forward, got {shapes}"
-            )
+            raise ValueError(f"views passed together must share (C, H, W) to run in one forward, got {shapes}")
         return views[0] if len(views) == 1 else torch.cat(views)
 
     @torch.no_grad()
     def _activation(self, images: Tensor) -> Tensor:
         if self.input_size is not None and tuple(images.shape[-2:]) != self.input_size:
-            images = F.interpolate(
-                images, size=self.input_size, mode="bilinear", antialias=True, align_corners=False
-            )
+            images = F.interpolate(images, size=self.input_size, mode="bilinear", antialias=True, align_corners=False)
         activation = activation_from_features(self._features(images))
         if self.output_size is not None and tuple(activation.shape[-2:]) != self.output_size:
             activation = F.interpolate(

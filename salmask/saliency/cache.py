@@ -38,9 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threshold-std", type=float, default=0.6, help="k in mean - k*std (default 0.6)")
     parser.add_argument("--largest-component", action="store_true", help="keep the largest component only")
-    parser.add_argument(
-        "--image-size", type=int, default=448, help="side each image is resized to (default 448)"
-    )
+    parser.add_argument("--image-size", type=int, default=448, help="side each image is resized to (default 448)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1 (default cpu)")

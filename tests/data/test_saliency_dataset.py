@@ -55,9 +55,7 @@ def test_items_are_image_and_full_size_saliency(dataset_root: tuple[Path, Path])
     assert len(dataset) == 8
     image, saliency = dataset[3]
     assert isinstance(image, Image.Image)
-    assert (
-        isinstance(saliency, Saliency) and saliency.shape == (HEIGHT, WIDTH) and saliency.dtype == torch.bool
-    )
+    assert isinstance(saliency, Saliency) and saliency.shape == (HEIGHT, WIDTH) and saliency.dtype == torch.bool
     assert torch.equal(saliency.as_subclass(torch.Tensor), bright(v2.functional.pil_to_tensor(image)))
 
 

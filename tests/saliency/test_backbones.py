@@ -48,9 +48,7 @@ def test_efficientnet_lite0_and_timm_random_weights() -> None:
 def test_renormalisation_feeds_the_network_its_own_input_statistics() -> None:
     backbone = build_backbone("efficientnet_lite0", weights=None).eval()
     raw = torch.rand(1, 3, 64, 64)
-    imagenet = (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
-        1, 3, 1, 1
-    )
+    imagenet = (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = backbone.model.forward_features((raw - 0.5) / 0.5)
         torch.testing.assert_close(backbone(imagenet), expected, rtol=1e-4, atol=1e-4)
@@ -107,9 +105,7 @@ def test_no_network_gives_a_clear_error_not_a_url_error(monkeypatch) -> None:
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(
-        torchvision.models.ResNet50_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline
-    )
+    monkeypatch.setattr(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
     with pytest.raises(WeightsUnavailableError, match=r"weights=<path.*salmask\[weights\]") as caught:
         build_backbone("resnet50")
     assert isinstance(caught.value.__cause__, urllib.error.URLError)

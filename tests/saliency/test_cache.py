@@ -188,9 +188,5 @@ def test_command_line(image_folder: Path, tmp_path: Path, capsys) -> None:
     )
     assert status == 0
     cache = load_saliency_cache(out)
-    assert (
-        cache.grid == (2, 2)
-        and cache.header["backbone"] == "resnet18"
-        and cache.header["threshold_std"] == 0.6
-    )
+    assert cache.grid == (2, 2) and cache.header["backbone"] == "resnet18" and cache.header["threshold_std"] == 0.6
     assert "wrote" in capsys.readouterr().out

