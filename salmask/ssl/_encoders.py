@@ -1,0 +1,119 @@
+"""Base encoders (torchvision ResNets without their classifier) and projection heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torchvision
+from torch import nn
+
+__all__ = ["RESNETS", "build_encoder", "feature_dim_of", "projection_head"]
+
+#: The torchvision ResNet family accepted by :func:`build_encoder`.
+RESNETS = tuple(
+    sorted(
+        name
+        for name in torchvision.models.list_models(module=torchvision.models)
+        if name.startswith(("resnet", "resnext", "wide_resnet"))
+    )
+)
+
+
+def build_encoder(
+    name: str = "resnet50",
+    *,
+    small_images: bool = False,
+    weights: Any = None,
+    zero_init_residual: bool = False,
+) -> torchvision.models.ResNet:
+    """A torchvision ResNet whose ``fc`` is an identity, so that it returns pooled features.
+
+    The model keeps torchvision's module names (a checkpoint of it loads into a torchvision ResNet with
+    ``strict=False``, only ``fc`` missing) and carries its feature size as ``num_features`` (2048 for
+    ResNet-50, 512 for ResNet-18), which :class:`MoCo` and :class:`SimCLR` read.
+
+    Args:
+        name: a torchvision ResNet, one of ``RESNETS``.
+        small_images: replace the stem by a 3x3 stride-1 convolution and drop the max-pool, the usual
+            stem for CIFAR-sized (32-64 px) images, which the 224 px stem would shrink to a few pixels.
+            The new stem is freshly initialised even when ``weights`` are given.
+        weights: torchvision weights (enum or name) to start from, e.g. for transfer; ``None`` for random
+            initialisation, as in self-supervised pretraining.
+        zero_init_residual: start every residual branch at zero (torchvision's option).
+
+    Returns:
+        The ResNet, mapping ``(B, 3, H, W)`` images to ``(B, num_features)`` features.
+
+    Example:
+        >>> import torch
+        >>> from salmask.ssl import build_encoder
+        >>> encoder = build_encoder("resnet18", small_images=True)
+        >>> encoder.num_features, encoder(torch.randn(2, 3, 32, 32)).shape
+        (512, torch.Size([2, 512]))
+    """
+    if name not in RESNETS:
+        raise ValueError(f"name must be one of {RESNETS}, got {name!r}")
+    model = torchvision.models.get_model(name, weights=weights, zero_init_residual=zero_init_residual)
+    if small_images:
+        stem_channels = model.conv1.out_channels
+        model.conv1 = nn.Conv2d(3, stem_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        # torchvision initialises its convolutions this way; keep the new stem consistent with the rest.
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    model.num_features = model.fc.in_features
+    model.fc = nn.Identity()
+    return model
+
+
+def feature_dim_of(encoder: nn.Module, feature_dim: int | None = None) -> int:
+    """The feature size of ``encoder``: ``feature_dim`` if given, else its ``num_features`` attribute.
+
+    Example:
+        >>> from salmask.ssl import build_encoder, feature_dim_of
+        >>> feature_dim_of(build_encoder("resnet18"))
+        512
+    """
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+    if feature_dim is None:
+        feature_dim = getattr(encoder, "num_features", None)
+        if feature_dim is None:
+            raise ValueError(
+                f"encoder ({type(encoder).__name__}) has no num_features attribute; pass feature_dim=, the size "
+                "of the (B, feature_dim) features it returns"
+            )
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+        raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+    return feature_dim
+
+
+def projection_head(
+    in_features: int, hidden_features: int | None = None, out_features: int = 128, *, batch_norm: bool = False
+) -> nn.Sequential:
+    """The 2-layer MLP projection head of MoCo v2 and SimCLR: linear, (BN,) ReLU, linear.
+
+    Args:
+        in_features: the encoder's feature size.
+        hidden_features: width of the hidden layer; default ``in_features`` (MoCo v2, SimCLR).
+        out_features: embedding size (128 in both papers).
+        batch_norm: batch norm after the hidden linear layer (SimCLR v2 style heads).
+
+    Example:
+        >>> from salmask.ssl import projection_head
+        >>> projection_head(512)
+        Sequential(
+          (0): Linear(in_features=512, out_features=512, bias=True)
+          (1): ReLU(inplace=True)
+          (2): Linear(in_features=512, out_features=128, bias=True)
+        )
+    """
+    hidden_features = in_features if hidden_features is None else hidden_features
+    sizes = {"in_features": in_features, "hidden_features": hidden_features, "out_features": out_features}
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    layers: list[nn.Module] = [nn.Linear(in_features, hidden_features, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(hidden_features))
+    layers += [nn.ReLU(inplace=True), nn.Linear(hidden_features, out_features)]
+    return nn.Sequential(*layers)
