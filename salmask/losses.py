@@ -673,7 +673,9 @@ class MomentumQueue(nn.Module):
         ([2.0, 1.0, 1.0, 2.0, 2.0], 1)
     """
 
+    #: ``(D, K)`` keys, one per column, the oldest overwritten first.
     queue: torch.Tensor
+    #: ``(1,)`` long, the column the next key is written to.
     queue_ptr: torch.Tensor
 
     def __init__(self, dim: int, size: int = 65536, *, gather_distributed: bool = True) -> None:

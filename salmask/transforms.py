@@ -32,8 +32,8 @@ __all__ = [
     "SaliencyMask",
 ]
 
-#: The high-pass release's mixture of mask types: focal with p=0.2, else spatial with p=0.3, else
-#: channel-wise.
+#: The high-pass release's mixture of mask types (focal with p=0.2, else spatial with p=0.3, else
+#: channel-wise).
 RELEASE_MASK_TYPE_PROBS = {"spatial": 0.24, "channel": 0.56, "focal": 0.2}
 
 # Per strategy: the fill options and the mask types of the paper's release, for positives.
@@ -95,6 +95,9 @@ class SaliencyMask(Transform):
         inplace: write into the input image instead of a new tensor.
         check_values: reject non-finite images and saliency outside ``[0, 1]`` (one host synchronisation
             per call; turn off in a device-side training step).
+
+    Attributes:
+        last_params: the parameters drawn by the last call (``None`` before the first call).
 
     Example:
         >>> import torch

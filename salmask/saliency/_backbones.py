@@ -24,7 +24,9 @@ __all__ = [
     "offline_weights_path",
 ]
 
+#: Per-channel mean of ImageNet images (RGB, in [0, 1]): the normalisation the backbones expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+#: Per-channel standard deviation of ImageNet images (RGB, in [0, 1]).
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Backbones known by name; ``"timm:<model name>"`` selects any timm model as well.

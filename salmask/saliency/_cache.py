@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 CACHE_FORMAT = "salmask.saliency-cache"
+#: Version of the cache file layout; files of another version are refused on load.
 CACHE_FORMAT_VERSION = 1
 
 _HEADER_KEYS = (
