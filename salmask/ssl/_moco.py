@@ -118,7 +118,9 @@ class MoCo(nn.Module):
     ``"local"`` uses the encoders as they are.
 
     Wrap the module in :class:`~torch.nn.parallel.DistributedDataParallel` as usual; the key encoder has
-    no trainable parameters, so DDP ignores it. Every rank must see the same batch size.
+    no trainable parameters, so DDP ignores it. Every rank must see the same batch size. The queue is
+    identical on every rank (keys are gathered before they are enqueued), so ``broadcast_buffers=False``
+    spares DDP a copy of the whole queue at every step; with ``batch_norm="sync"`` keep the default.
 
     Args:
         encoder: base encoder mapping images to ``(B, feature_dim)`` features, e.g.

@@ -287,3 +287,19 @@ def test_masked_resnet18_step_end_to_end():
     assert torch.isfinite(out.loss)
     assert out.logits.shape == (BATCH, 1 + 64 + 1)
     assert out.logits[3, -1] == float("-inf")
+
+
+@pytest.mark.cuda
+def test_moco_step_has_no_host_synchronisation_on_cuda():
+    model = tiny_moco().cuda().train()
+    query, key, hard = (tensor.cuda() for tensor in batch())
+    valid = torch.tensor([True, False, True, True], device="cuda")
+    model(query, key, hard, valid).loss.backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(query, key, hard, valid)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.loss.is_cuda

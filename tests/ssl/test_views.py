@@ -94,20 +94,20 @@ def test_high_pass_query_is_the_filtered_view_outside_its_mask():
     assert mask.any()
 
 
+@pytest.mark.parametrize("mask_type", ["spatial", "channel"])
 @pytest.mark.parametrize("strategy", SALIENCY_STRATEGIES)
-def test_hard_negatives_differ_from_the_key_only_in_foreground_patches(strategy):
+def test_hard_negatives_differ_from_the_key_only_in_foreground_patches(strategy, mask_type):
     query, key = views()
     saliency = object_saliency()
-    out = masker(strategy, hard_negative_mask_type_probs={"spatial": 1.0})(query, key, saliency, saliency)
+    out = masker(strategy, hard_negative_mask_type_probs={mask_type: 1.0})(query, key, saliency, saliency)
     params = out.hard_negative_params
     foreground_pixels = expand_patch_mask(saliency, (SIZE, SIZE), PATCH)[:, None].expand_as(key)
     changed = out.hard_negatives != out.key
     assert not (changed & ~foreground_pixels).any()
-    assert not (changed & ~params["mask"].expand_as(key)).any()
-    # beta in [0.4, 0.7] of 4 foreground patches: 2 or 3 masked patches per image, all of them changed.
-    masked_patches = params["patch_mask"][:, 0].flatten(1).sum(1)
+    assert torch.equal(changed, params["mask"].expand_as(key))
+    # beta in [0.4, 0.7] of 4 foreground patches: 2 or 3 masked patches per image (per channel).
+    masked_patches = params["patch_mask"].flatten(2).sum(2)
     assert ((masked_patches >= 2) & (masked_patches <= 3)).all()
-    assert (changed.any(1) == params["mask"][:, 0]).all()
     assert out.hard_negative_valid.all()
 
 
