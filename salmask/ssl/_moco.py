@@ -21,7 +21,7 @@ BatchNormMode = Literal["shuffle", "sync", "local"]
 BATCH_NORM_MODES = ("shuffle", "sync", "local")
 
 
-def batch_shuffle(images: Tensor) -> tuple[Tensor, Tensor]:
+def batch_shuffle(images: Tensor) -> tuple[Tensor, Tensor | None]:
     """Deal a batch out to the ranks in a random order shared by all of them (MoCo's shuffle-BN).
 
     Every rank gathers the global batch, rank 0's random permutation is broadcast, and each rank keeps its

@@ -22,6 +22,10 @@ class SimCLR(nn.Module):
     separate forward, without gradient by default: SimCLR has no key encoder, and the method encodes hard
     negatives on the key side, as constants to be pushed away from.
 
+    Under DDP, SimCLR computes batch norm over the global batch: convert the model with
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` before wrapping it, and pass
+    ``gather_distributed=True`` for the global batch's negatives.
+
     Optimise it as SimCLR does, with LARS and a warm-up then cosine schedule, e.g. from timm::
 
         optimizer = timm.optim.create_optimizer_v2(model, "lars", lr=0.3 * batch_size / 256,
