@@ -119,6 +119,8 @@ class MaskedViews(nn.Module):
         fill_options: options of the query's fill (``noise_std``, ``kernel_size``, ``sigma``); the
             high-pass ``kernel_size`` and ``sigma`` also filter the key.
         hard_negative_fill_options: options of the hard negatives' fill (release high-pass noise: 0.14).
+            Under the high-pass recipe the hard negatives take the query's filter, so that they differ
+            from the filtered key only where they are masked.
         saliency_threshold: mean saliency a patch needs to count as foreground.
         generator: source of randomness of every mask and noise draw; ``None`` uses torch's global one.
 
@@ -191,6 +193,9 @@ class MaskedViews(nn.Module):
                 fill, ratio, mask_type_probs=mask_type_probs, fill_options=fill_options, **common
             )
             if self.make_hard_negatives:
+                hard_negative_fill_options = dict(hard_negative_fill_options or {})
+                if fill == "high_pass":
+                    hard_negative_fill_options = self._shared_filter(hard_negative_fill_options)
                 self.hard_negative_mask = HardNegativeMask(
                     fill,
                     hard_negative_ratio,
@@ -199,6 +204,16 @@ class MaskedViews(nn.Module):
                     **common,
                 )
         self.filters_views = fill == "high_pass"
+
+    def _shared_filter(self, hard_negative_fill_options: dict[str, Any]) -> dict[str, Any]:
+        query_filter = {name: self.query_mask.fill_options[name] for name in ("kernel_size", "sigma")}
+        for name, value in query_filter.items():
+            if hard_negative_fill_options.setdefault(name, value) != value:
+                raise ValueError(
+                    f"hard_negative_fill_options[{name!r}] must equal the query's high-pass {name} ({value}): the key "
+                    "and its hard negatives are filtered alike; set it in fill_options instead"
+                )
+        return hard_negative_fill_options
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, hard_negatives={self.make_hard_negatives}"

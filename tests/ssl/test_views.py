@@ -236,12 +236,15 @@ def test_fill_options_reach_the_fills():
     out = masker(
         "high_pass",
         fill_options={"kernel_size": 5, "sigma": 1.0},
-        hard_negative_fill_options={"noise_std": 0.0, "kernel_size": 5, "sigma": 1.0},
+        hard_negative_fill_options={"noise_std": 0.0},
         hard_negative_mask_type_probs={"spatial": 1.0},
     )(query, key, saliency, saliency)
     torch.testing.assert_close(out.key, high_pass(key, 5, 1.0), rtol=0, atol=0)
     mask = out.hard_negative_params["mask"].expand_as(key)
     assert (out.hard_negatives[mask] == 0).all()
+    assert torch.equal(out.hard_negatives[~mask], out.key[~mask])
+    with pytest.raises(ValueError, match=r"hard_negative_fill_options\['sigma'\] must equal"):
+        MaskedViews("high_pass", hard_negative_fill_options={"sigma": 2.0})
 
 
 def test_bad_arguments_name_what_is_wrong():
