@@ -10,22 +10,62 @@ Optimisers and schedules come from timm (``timm.optim.create_optimizer_v2(model,
 ``timm.scheduler.CosineLRScheduler``); torch's SGD serves MoCo.
 """
 
+from salmask.ssl._checkpoint import (
+    BAD_IMAGE_POLICIES,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    BadImageError,
+    CheckpointError,
+    ResumableSampler,
+    SeededDataset,
+    StopSignal,
+    encoder_state_dict,
+    finite_or_raise,
+    get_rng_state,
+    load_checkpoint,
+    load_state_dict_checked,
+    restore_training_state,
+    save_checkpoint,
+    set_rng_state,
+    training_state,
+)
 from salmask.ssl._encoders import RESNETS, build_encoder, feature_dim_of, projection_head
+from salmask.ssl._knn import extract_features, knn_predict, knn_top1
 from salmask.ssl._moco import BATCH_NORM_MODES, MoCo, batch_shuffle, batch_unshuffle
 from salmask.ssl._simclr import SimCLR
 from salmask.ssl._views import STRATEGIES, MaskedViews, MaskedViewsOutput
 
 __all__ = [
+    "BAD_IMAGE_POLICIES",
     "BATCH_NORM_MODES",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
     "RESNETS",
     "STRATEGIES",
+    "BadImageError",
+    "CheckpointError",
     "MaskedViews",
     "MaskedViewsOutput",
     "MoCo",
+    "ResumableSampler",
+    "SeededDataset",
     "SimCLR",
+    "StopSignal",
     "batch_shuffle",
     "batch_unshuffle",
     "build_encoder",
+    "encoder_state_dict",
+    "extract_features",
     "feature_dim_of",
+    "finite_or_raise",
+    "get_rng_state",
+    "knn_predict",
+    "knn_top1",
+    "load_checkpoint",
+    "load_state_dict_checked",
     "projection_head",
+    "restore_training_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "training_state",
 ]

@@ -1,0 +1,209 @@
+"""Weighted k-nearest-neighbour evaluation of an encoder, the monitor of InstDisc and MoCo."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from salmask.distributed import all_gather, get_world_size
+
+__all__ = ["extract_features", "knn_predict", "knn_top1"]
+
+
+def _first_tensor(batch: Any) -> tuple[Tensor, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError("the loader must yield (images, labels) batches")
+    images, labels = batch[0], batch[1]
+    if isinstance(images, (tuple, list)):
+        # (image, saliency) items: the saliency is not needed to compute features.
+        images = images[0]
+    return images, torch.as_tensor(labels)
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device | str | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    channels_last: bool = False,
+    autocast: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """L2-normalised features and labels of every image a loader serves, in the dataset's order.
+
+    The encoder runs in eval mode without gradient (its previous mode is restored afterwards). Under
+    ``torch.distributed`` each rank encodes its share and the shares are gathered; the loader must then use
+    a :class:`~torch.utils.data.DistributedSampler` with ``shuffle=False``, whose padding is removed, so
+    every rank returns the features of the whole dataset, once each, in order.
+
+    Args:
+        encoder: maps ``(B, 3, H, W)`` images to ``(B, D)`` features.
+        loader: yields ``(images, labels)`` (or ``((images, saliency), labels)``) batches.
+        device: where to run; default the encoder's device.
+        transform: applied to each batch of images on the device before the encoder, e.g.
+            :class:`~salmask.HighPassFilter` for an encoder pretrained on high-pass filtered views.
+        channels_last: convert batches to channels-last memory format (for a channels-last encoder).
+        autocast: run the encoder under ``torch.autocast`` on ``device``'s type.
+
+    Returns:
+        ``(features, labels)``: ``(N, D)`` float32 unit vectors and ``(N,)`` int64 labels, on ``device``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from salmask.ssl import extract_features
+        >>> data = TensorDataset(torch.randn(5, 3, 4, 4), torch.arange(5))
+        >>> features, labels = extract_features(nn.Flatten(), DataLoader(data, batch_size=2))
+        >>> features.shape, features.norm(dim=1).allclose(torch.ones(5)), labels.tolist()
+        (torch.Size([5, 48]), True, [0, 1, 2, 3, 4])
+    """
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+    world_size = get_world_size()
+    sampler = getattr(loader, "sampler", None)
+    if world_size > 1 and (not isinstance(sampler, DistributedSampler) or sampler.shuffle):
+        raise ValueError(
+            "under torch.distributed the loader must use a DistributedSampler with shuffle=False, so that the "
+            "ranks' shares can be put back in the dataset's order"
+        )
+    if device is None:
+        parameter = next(encoder.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = encoder.training
+    encoder.eval()
+    features, labels = [], []
+    try:
+        for batch in loader:
+            images, targets = _first_tensor(batch)
+            images = images.to(device, non_blocking=True)
+            if transform is not None:
+                images = transform(images)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, enabled=autocast):
+                output = encoder(images)
+            features.append(F.normalize(output.float(), dim=1))
+            labels.append(targets.to(device))
+    finally:
+        encoder.train(was_training)
+    if not features:
+        raise ValueError("the loader served no batch; the dataset is empty")
+    features_tensor, labels_tensor = torch.cat(features), torch.cat(labels).long()
+    if world_size > 1:
+        # DistributedSampler deals index i to rank i % world_size: interleave the ranks' shares back into
+        # the padded dataset order, then drop the padding.
+        total = len(sampler.dataset)
+        features_tensor = all_gather(features_tensor)
+        labels_tensor = all_gather(labels_tensor)
+        per_rank = features_tensor.shape[0] // world_size
+        features_tensor = features_tensor.view(world_size, per_rank, -1).transpose(0, 1).flatten(0, 1)
+        labels_tensor = labels_tensor.view(world_size, per_rank).t().reshape(-1)
+        features_tensor, labels_tensor = features_tensor[:total], labels_tensor[:total]
+    return features_tensor, labels_tensor
+
+
+@torch.no_grad()
+def knn_predict(
+    features: Tensor,
+    bank_features: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Weighted kNN class scores: each of the ``k`` most similar bank entries votes ``exp(cos / T)``.
+
+    The rule of InstDisc (Wu et al., 2018), used as MoCo's monitor: cosine similarity between unit
+    features, the ``k`` nearest neighbours, each weighted by ``exp(similarity / temperature)``, scores
+    summed per class. Queries are processed ``chunk_size`` at a time, so memory stays at
+    ``chunk_size x len(bank)`` similarities whatever the number of queries.
+
+    Args:
+        features: ``(N, D)`` L2-normalised query features.
+        bank_features: ``(M, D)`` L2-normalised features of the labelled bank (the training set).
+        bank_labels: ``(M,)`` labels in ``[0, num_classes)``.
+        num_classes: number of classes.
+        k: neighbours per query (200); capped at ``M``.
+        temperature: T of the weights (0.1).
+        chunk_size: queries per block.
+
+    Returns:
+        ``(N, num_classes)`` class scores; ``argmax(1)`` is the prediction.
+
+    Example:
+        >>> import torch
+        >>> from salmask.ssl import knn_predict
+        >>> bank = torch.eye(3)
+        >>> knn_predict(torch.eye(3), bank, torch.tensor([0, 1, 1]), 2, k=1).argmax(1).tolist()
+        [0, 1, 1]
+    """
+    if features.ndim != 2 or bank_features.ndim != 2 or features.shape[1] != bank_features.shape[1]:
+        raise ValueError(
+            f"features and bank_features must be (N, D) and (M, D), got {tuple(features.shape)} and "
+            f"{tuple(bank_features.shape)}"
+        )
+    if bank_labels.shape != bank_features.shape[:1]:
+        raise ValueError(f"bank_labels must be ({bank_features.shape[0]},), got {tuple(bank_labels.shape)}")
+    for name, value in (("num_classes", num_classes), ("k", k), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature!r}")
+    if bank_features.shape[0] == 0:
+        raise ValueError("the feature bank is empty")
+    k = min(k, bank_features.shape[0])
+    bank_labels = bank_labels.to(features.device).long()
+    scores = []
+    for chunk in features.split(chunk_size):
+        similarity = chunk @ bank_features.t()
+        top_similarity, top_index = similarity.topk(k, dim=1)
+        weights = (top_similarity / temperature).exp()
+        votes = torch.zeros(chunk.shape[0], num_classes, device=features.device, dtype=weights.dtype)
+        votes.scatter_add_(1, bank_labels[top_index], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_top1(
+    encoder: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    num_classes: int,
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+    **extract_options: Any,
+) -> float:
+    """Top-1 accuracy (percent) of weighted kNN: the training images are the bank, validation the queries.
+
+    Args:
+        encoder: the base encoder (features before any projection head).
+        train_loader: the labelled bank, without random augmentation.
+        val_loader: the images to classify.
+        num_classes: number of classes.
+        k: neighbours (200).
+        temperature: weight temperature (0.1).
+        chunk_size: queries per block in :func:`knn_predict`.
+        **extract_options: ``device``, ``transform``, ``channels_last``, ``autocast`` for
+            :func:`extract_features`.
+
+    Returns:
+        Top-1 accuracy in percent, the same on every rank.
+    """
+    bank_features, bank_labels = extract_features(encoder, train_loader, **extract_options)
+    features, labels = extract_features(encoder, val_loader, **extract_options)
+    scores = knn_predict(
+        features, bank_features, bank_labels, num_classes, k=k, temperature=temperature, chunk_size=chunk_size
+    )
+    return 100.0 * (scores.argmax(1) == labels).float().mean().item()
