@@ -20,7 +20,7 @@ import os
 import random
 import signal
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -273,17 +273,25 @@ def training_state(
         metrics: last metrics, recorded for information.
 
     Returns:
-        The checkpoint dict, including the random generators' states (:func:`get_rng_state`).
+        The checkpoint dict, including the random generators' states (:func:`get_rng_state`) of every rank.
+        Under ``torch.distributed`` this gathers them, so every rank must call it (rank 0 then saves).
     """
     for name, value in (("epoch", epoch), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    rng = get_rng_state()
+    per_rank = [rng]
+    if is_distributed():
+        # Each rank draws its own masks; resuming every rank from rank 0's generators would make the
+        # ranks draw identical masks from then on.
+        per_rank = [None] * get_world_size()
+        dist.all_gather_object(per_rank, rng)
     return {
         "model": _unwrap(model).state_dict(),
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
-        "rng": get_rng_state(),
+        "rng": per_rank,
         "epoch": epoch,
         "step": step,
         "config": dict(config),
@@ -350,8 +358,8 @@ def restore_training_state(
         optimizer: filled when given (the checkpoint must hold its state).
         scheduler: filled when given.
         scaler: filled when given and the checkpoint holds a scaler state (a CPU run has none).
-        restore_rng: also restore the random generators; pass ``False`` on ranks that should keep the
-            seeds they drew (each rank saves none of its own).
+        restore_rng: also restore this rank's random generators. When the run had another number of ranks,
+            the generators keep the seeds this run drew, and a warning says so.
 
     Returns:
         ``(epoch, step)``: the epoch to continue and the optimizer steps already done in it.
@@ -372,8 +380,16 @@ def restore_training_state(
             raise CheckpointError(f"{source}: the {name} state does not fit this run ({error})") from error
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
-    if restore_rng and checkpoint.get("rng") is not None:
-        set_rng_state(checkpoint["rng"])
+    states = checkpoint.get("rng") or []
+    if restore_rng and len(states) == get_world_size():
+        set_rng_state(states[get_rank()])
+    elif restore_rng:
+        logger.warning(
+            "%s was written by %d rank(s), this run has %d: the random generators are not restored",
+            source,
+            len(states),
+            get_world_size(),
+        )
     return int(checkpoint["epoch"]), int(checkpoint["step"])
 
 
@@ -605,8 +621,8 @@ class SeededDataset(Dataset):
         )
 
 
-def finite_or_raise(value: float, what: str, where: Callable[[], str] | None = None) -> float:
-    """Return ``value`` if finite, else raise ``FloatingPointError`` naming ``what`` (and ``where()``).
+def finite_or_raise(value: float, what: str, where: str = "") -> float:
+    """Return ``value`` if finite, else raise ``FloatingPointError`` naming ``what`` (and ``where``).
 
     A diverged run should stop at the step that diverged, not train on NaNs until its end.
 
@@ -616,6 +632,6 @@ def finite_or_raise(value: float, what: str, where: Callable[[], str] | None = N
         1.5
     """
     if not math.isfinite(value):
-        location = f" at {where()}" if where is not None else ""
+        location = f" at {where}" if where else ""
         raise FloatingPointError(f"{what} is {value}{location}; lower the learning rate or check the inputs")
     return value
