@@ -1,0 +1,577 @@
+"""Pretrain a ResNet with SimCLR and saliency-guided masking.
+
+With no ``--data`` it trains a ResNet-18 (small-image stem) on the built-in synthetic shapes at 32 px on
+the CPU for a few minutes and prints the kNN top-1 of the result::
+
+    python examples/pretrain_simclr.py
+
+On an ImageFolder dataset (``train/`` and ``val/`` subfolders), with a preset reproducing a run of the
+paper, on 4 GPUs, with saliency from a cache built by ``python -m salmask.saliency.cache``::
+
+    torchrun --nproc_per_node=4 examples/pretrain_simclr.py --preset in100_simclr_high_pass \\
+        --data /datasets/imagenet100 --saliency-cache imagenet100-train-saliency.pt
+
+Interrupted runs (SIGTERM writes a checkpoint and exits 0) continue where they stopped::
+
+    python examples/pretrain_simclr.py --resume outputs/pretrain_simclr/checkpoint.pt
+
+Settings come from, in increasing priority: the defaults below (the synthetic ones without ``--data``),
+the ``--preset`` file, and the flags given on the command line. The resolved settings are stored in every
+checkpoint; ``linear_eval.py`` and ``knn_eval.py`` read them from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from salmask import HighPassFilter
+from salmask.data import SaliencyImageFolder
+from salmask.data._synthetic import SyntheticShapes
+from salmask.distributed import get_rank, get_world_size
+from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_scda
+from salmask.ssl import (
+    STRATEGIES,
+    MaskedViews,
+    ResumableSampler,
+    SeededDataset,
+    SimCLR,
+    StopSignal,
+    build_encoder,
+    finite_or_raise,
+    knn_top1,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+
+logger = logging.getLogger("pretrain_simclr")
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+# SimCLR as the paper trains it (its section 4 and appendix): LARS, batch 256, lr 0.3.
+DEFAULTS: dict[str, Any] = {
+    "data": None,
+    "output_dir": "outputs/pretrain_simclr",
+    "arch": "resnet50",
+    "small_images": False,
+    "image_size": 224,
+    "strategy": "high_pass",
+    "saliency": "scda",
+    "saliency_cache": None,
+    "scda_backbone": "efficientnet_lite0",
+    "scda_weights": "imagenet",
+    "scda_threshold": 0.6,
+    "hard_negatives": None,
+    "mask_ratio": [0.05, 0.25],
+    "hard_negative_ratio": [0.4, 0.7],
+    "patch_size": None,
+    "epochs": 200,
+    "warmup_epochs": 10,
+    "batch_size": 256,
+    "lr": 0.3,
+    "momentum": 0.9,
+    "weight_decay": 1e-6,
+    "projection_dim": 128,
+    "temperature": 0.2,
+    "hard_negative_weight": 2.0,
+    "sync_batch_norm": True,
+    "workers": 8,
+    "seed": 0,
+    "device": "auto",
+    "amp": None,
+    "channels_last": None,
+    "log_every": 50,
+    "knn_every": 10,
+    "knn_k": 200,
+    "knn_temperature": 0.1,
+    "on_bad_image": "fail",
+    "synthetic_train_size": None,
+    "synthetic_val_size": None,
+}
+
+# Without --data: a run that shows the whole pipeline in a few CPU minutes. The synthetic images carry
+# their object's true mask, used as saliency: at 32 px an ImageNet localization network sees a 1 x 1
+# feature map, and the true mask isolates what the masking itself does from the quality of saliency.
+SYNTHETIC_DEFAULTS: dict[str, Any] = {
+    "output_dir": "outputs/pretrain_simclr_synthetic",
+    "arch": "resnet18",
+    "small_images": True,
+    "image_size": 32,
+    "saliency": "truth",
+    "epochs": 4,
+    "warmup_epochs": 1,
+    "batch_size": 64,
+    "workers": 0,
+    "log_every": 10,
+    "knn_every": 0,
+    "synthetic_train_size": 1536,
+    "synthetic_val_size": 512,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def default(key: str) -> str:
+        synthetic = f"; {SYNTHETIC_DEFAULTS[key]} without --data" if key in SYNTHETIC_DEFAULTS else ""
+        return f" (default: {DEFAULTS[key]}{synthetic})"
+
+    # SUPPRESS keeps unset flags out of the namespace, so that a preset is only overridden by flags given.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    add = parser.add_argument
+    add("--preset", help="name of a file in examples/presets (without .yaml) or a path to a YAML file")
+    add("--resume", help="checkpoint to continue from; its settings apply unless overridden by flags")
+    add("--data", help="ImageFolder root with train/ and val/ (default: the built-in synthetic shapes)")
+    add("--output-dir", help="checkpoint, metrics and TensorBoard directory" + default("output_dir"))
+    add("--arch", help="torchvision ResNet" + default("arch"))
+    add("--small-images", action=argparse.BooleanOptionalAction, help="3x3 stem, no max-pool" + default("small_images"))
+    add("--image-size", type=int, help="side of the training views" + default("image_size"))
+    add("--strategy", choices=STRATEGIES, help="masking strategy" + default("strategy"))
+    add(
+        "--saliency",
+        choices=("scda", "cache", "truth", "none"),
+        help="saliency source: online SCDA, --saliency-cache, the synthetic data's true masks, or none (uniform "
+        "masks, for strategies mscn and none)" + default("saliency"),
+    )
+    add("--saliency-cache", help="saliency cache of the train/ folder (implies --saliency cache)")
+    add("--scda-backbone", help="SCDA localization network" + default("scda_backbone"))
+    add("--scda-weights", help="'imagenet' or a state-dict file" + default("scda_weights"))
+    add("--scda-threshold", type=float, help="SCDA foreground rule mean - k*std" + default("scda_threshold"))
+    add(
+        "--hard-negatives",
+        action=argparse.BooleanOptionalAction,
+        help="make hard negatives (default: as the strategy does)",
+    )
+    add("--mask-ratio", type=float, nargs=2, help="alpha range of the query masks" + default("mask_ratio"))
+    add("--hard-negative-ratio", type=float, nargs=2, help="beta range" + default("hard_negative_ratio"))
+    add("--patch-size", type=int, help="mask patch side in pixels (default: image size // 7)")
+    add("--epochs", type=int, help="training epochs" + default("epochs"))
+    add("--warmup-epochs", type=int, help="linear warm-up epochs" + default("warmup_epochs"))
+    add("--batch-size", type=int, help="global batch size, split over the ranks" + default("batch_size"))
+    add("--lr", type=float, help="peak learning rate (LARS)" + default("lr"))
+    add("--momentum", type=float, help="LARS momentum" + default("momentum"))
+    add("--weight-decay", type=float, help="LARS weight decay (not on biases and BN)" + default("weight_decay"))
+    add("--projection-dim", type=int, help="embedding size" + default("projection_dim"))
+    add("--temperature", type=float, help="tau" + default("temperature"))
+    add("--hard-negative-weight", type=float, help="rho" + default("hard_negative_weight"))
+    add(
+        "--sync-batch-norm",
+        action=argparse.BooleanOptionalAction,
+        help="batch norm over the global batch under DDP" + default("sync_batch_norm"),
+    )
+    add("--workers", type=int, help="data-loading processes per rank" + default("workers"))
+    add("--seed", type=int, help="random seed" + default("seed"))
+    add("--device", help="'auto', 'cpu', 'cuda'" + default("device"))
+    add("--amp", action=argparse.BooleanOptionalAction, help="mixed precision (default: on with CUDA)")
+    add("--channels-last", action=argparse.BooleanOptionalAction, help="channels-last (default: on with CUDA)")
+    add("--log-every", type=int, help="steps between metric records" + default("log_every"))
+    add("--knn-every", type=int, help="epochs between kNN monitors, 0: at the end only" + default("knn_every"))
+    add("--knn-k", type=int, help="kNN neighbours" + default("knn_k"))
+    add("--knn-temperature", type=float, help="kNN weight temperature" + default("knn_temperature"))
+    add("--on-bad-image", choices=("fail", "skip"), help="unreadable images" + default("on_bad_image"))
+    add("--synthetic-train-size", type=int, help="synthetic training images" + default("synthetic_train_size"))
+    add("--synthetic-val-size", type=int, help="synthetic validation images" + default("synthetic_val_size"))
+    return parser
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise SystemExit(f"--preset {name!r}: no file {path}; presets: {', '.join(available)}")
+    preset = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(preset) - set(DEFAULTS))
+    if not isinstance(preset, dict) or unknown:
+        raise SystemExit(f"--preset {name!r}: {path} has unknown settings {unknown}")
+    return preset
+
+
+def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Merge defaults, preset, checkpoint and flags; check the result."""
+    given = vars(build_parser().parse_args(argv))
+    checkpoint = None
+    if "resume" in given:
+        checkpoint = load_checkpoint(given["resume"])
+        config = {**checkpoint["config"], **{k: v for k, v in given.items() if k not in ("resume", "preset")}}
+    else:
+        data = given.get("data")
+        preset = load_preset(given["preset"]) if "preset" in given else {}
+        config = {**DEFAULTS, **({} if data else SYNTHETIC_DEFAULTS), **preset, **given}
+        config.pop("preset", None)
+    if config.get("saliency_cache"):
+        config["saliency"] = "cache"
+    check_config(config)
+    return config, checkpoint
+
+
+def check_config(config: dict[str, Any]) -> None:
+    def fail(flag: str, message: str) -> None:
+        raise SystemExit(f"--{flag}: {message}")
+
+    for key in ("epochs", "batch_size", "image_size", "projection_dim"):
+        if config[key] < 1:
+            fail(key.replace("_", "-"), f"must be at least 1, got {config[key]}")
+    if not 0 <= config["warmup_epochs"] < config["epochs"]:
+        fail("warmup-epochs", f"must be in [0, epochs={config['epochs']}), got {config['warmup_epochs']}")
+    if config["batch_size"] % get_world_size():
+        fail("batch-size", f"{config['batch_size']} does not divide among {get_world_size()} ranks")
+    if config["data"] is None and config["saliency"] in ("scda", "cache") and config["image_size"] < 64:
+        fail("saliency", f"{config['saliency']} needs views of at least 64 px; the synthetic run uses 'truth'")
+    if config["data"] is not None and config["saliency"] == "truth":
+        fail("saliency", "'truth' exists only for the synthetic data (no --data)")
+    if config["saliency"] == "cache" and not config.get("saliency_cache"):
+        fail("saliency-cache", "--saliency cache needs the cache file")
+    if config["data"] is not None and not (Path(config["data"]) / "train").is_dir():
+        fail("data", f"{config['data']} has no train/ folder (expected an ImageFolder root with train/ and val/)")
+
+
+def setup_distributed(device_name: str) -> torch.device:
+    """Join the process group when started by torchrun; pick this rank's device."""
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class TwoViews:
+    """Apply one random pipeline twice: the query and key views of an image (and of its saliency)."""
+
+    def __init__(self, pipeline: v2.Transform) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, image: Any, saliency: Any = None) -> tuple[Any, ...]:
+        if saliency is None:
+            return self.pipeline(image), self.pipeline(image)
+        query, query_saliency = self.pipeline(image, saliency)
+        key, key_saliency = self.pipeline(image, saliency)
+        return query, query_saliency, key, key_saliency
+
+
+def simclr_augmentation(size: int) -> v2.Compose:
+    """SimCLR's views; the v2 transforms crop and flip a Saliency map together with its image."""
+    blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the view, odd
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+            v2.ToImage(),
+            v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def evaluation_transform(size: int, resize: bool) -> v2.Compose:
+    steps = [v2.Resize(size * 8 // 7, antialias=True), v2.CenterCrop(size)] if resize else []
+    return v2.Compose(
+        [*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+
+
+def build_datasets(config: dict[str, Any]) -> tuple[Any, Any, Any, int]:
+    """(training set of view pairs, kNN bank, kNN queries, number of classes)."""
+    views = TwoViews(simclr_augmentation(config["image_size"]))
+    if config["data"] is None:
+        common = {"image_size": config["image_size"], "seed": config["seed"], "in_memory": True}
+        train = SyntheticShapes(
+            "train", num_images=config["synthetic_train_size"], transform=views, return_saliency=True, **common
+        )
+        evaluation = evaluation_transform(config["image_size"], resize=False)
+        bank = SyntheticShapes("train", num_images=config["synthetic_train_size"], transform=evaluation, **common)
+        queries = SyntheticShapes("val", num_images=config["synthetic_val_size"], transform=evaluation, **common)
+        return train, bank, queries, train.num_classes
+    root = Path(config["data"])
+    if config["saliency"] == "cache":
+        train = SaliencyImageFolder(root / "train", config["saliency_cache"], transform=views, return_target=True)
+    else:
+        train = datasets.ImageFolder(root / "train", transform=views)
+    evaluation = evaluation_transform(config["image_size"], resize=True)
+    bank = datasets.ImageFolder(root / "train", transform=evaluation)
+    queries = datasets.ImageFolder(root / "val", transform=evaluation)
+    return train, bank, queries, len(bank.classes)
+
+
+def build_masker(config: dict[str, Any], device: torch.device) -> MaskedViews:
+    scda = None
+    if config["saliency"] == "scda" and config["strategy"] not in ("none",):
+        scda = build_scda(config["scda_backbone"], config["scda_weights"], threshold_std=config["scda_threshold"])
+    patch_size = config["patch_size"] or max(1, config["image_size"] // 7)
+    options: dict[str, Any] = {}
+    if config["strategy"] != "none":
+        options = {"ratio": tuple(config["mask_ratio"]), "hard_negative_ratio": tuple(config["hard_negative_ratio"])}
+    masker = MaskedViews(
+        config["strategy"], scda=scda, hard_negatives=config["hard_negatives"], patch_size=patch_size, **options
+    )
+    if masker.needs_saliency and config["saliency"] == "none":
+        raise SystemExit(
+            f"--saliency none: strategy {config['strategy']!r} places its masks (or hard negatives) by saliency; "
+            "use --strategy mscn or none, or --no-hard-negatives"
+        )
+    return masker.to(device)
+
+
+def input_filter(masker: MaskedViews) -> dict[str, Any] | None:
+    """The filter every input of the pretrained encoder went through, recorded for evaluation."""
+    if not masker.filters_views:
+        return None
+    options = masker.query_mask.fill_options
+    return {"name": "high_pass", "kernel_size": options["kernel_size"], "sigma": options["sigma"]}
+
+
+class MetricsLog:
+    """Rank 0 appends records to metrics.jsonl and, when TensorBoard is installed, to its event files."""
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.writer = None
+        if not enabled:
+            return
+        self.file = (output_dir / "metrics.jsonl").open("a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("TensorBoard is not installed; metrics go to %s only", output_dir / "metrics.jsonl")
+        else:
+            self.writer = SummaryWriter(output_dir / "tensorboard")
+
+    def write(self, global_step: int, **record: Any) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"global_step": global_step, "time": round(time.time(), 3), **record}) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(key, value, global_step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, checkpoint = resolve_config(argv)
+    device = setup_distributed(config["device"])
+    rank, world_size = get_rank(), get_world_size()
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    on_gpu = device.type == "cuda"
+    amp = on_gpu if config["amp"] is None else config["amp"]
+    channels_last = on_gpu if config["channels_last"] is None else config["channels_last"]
+    if amp and not on_gpu:
+        raise SystemExit("--amp needs a CUDA device")
+    # Each rank draws its own masks; items draw their augmentation from (seed, epoch, index).
+    torch.manual_seed(config["seed"] + rank)
+    np.random.seed(config["seed"] + rank)  # noqa: NPY002 (for third-party transforms)
+    random.seed(config["seed"] + rank)
+    output_dir = Path(config["output_dir"])
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    logger.info("settings: %s", json.dumps(config, sort_keys=True))
+
+    # Data: a sampler that can start an epoch part-way, items whose augmentation a resume repeats exactly.
+    train_set, bank_set, query_set, num_classes = build_datasets(config)
+    train_set = SeededDataset(train_set, seed=config["seed"], on_bad_image=config["on_bad_image"])
+    per_rank_batch = config["batch_size"] // world_size
+    sampler = ResumableSampler(train_set, shuffle=True, seed=config["seed"], drop_last=True)
+    steps_per_epoch = len(sampler) // per_rank_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--batch-size {config['batch_size']} is larger than the training set ({len(train_set)})")
+    loader_options = {
+        "num_workers": config["workers"],
+        "pin_memory": on_gpu,
+        # A generator of its own: creating an epoch's iterator must not draw from the global one, or a resumed
+        # run would draw different masks than an uninterrupted one.
+        "generator": torch.Generator().manual_seed(config["seed"] + rank),
+    }
+    train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=True, **loader_options)
+    knn_loaders = [
+        DataLoader(
+            SeededDataset(dataset, seed=config["seed"], on_bad_image=config["on_bad_image"]),
+            batch_size=per_rank_batch * 2,
+            sampler=ResumableSampler(dataset, shuffle=False),
+            **loader_options,
+        )
+        for dataset in (bank_set, query_set)
+    ]
+
+    # Model: one encoder and its projection head; under DDP every rank's views are negatives for all.
+    masker = build_masker(config, device)
+    config["input_filter"] = input_filter(masker)
+    encoder = build_encoder(config["arch"], small_images=config["small_images"])
+    model = SimCLR(
+        encoder,
+        dim=config["projection_dim"],
+        temperature=config["temperature"],
+        hard_negative_weight=config["hard_negative_weight"],
+        gather_distributed=world_size > 1,
+    )
+    if world_size > 1 and config["sync_batch_norm"]:
+        # SimCLR's batch norm sees the global batch; the converted layers keep the state-dict names.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # LARS adapts the step of each weight matrix to its norm; biases and BN take neither decay nor adaptation.
+    optimizer = create_optimizer_v2(
+        model, "lars", lr=config["lr"], weight_decay=config["weight_decay"], momentum=config["momentum"]
+    )
+    # Per-step schedule: linear warm-up, then cosine to zero over the remaining steps.
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=(config["epochs"] - config["warmup_epochs"]) * steps_per_epoch,
+        warmup_t=config["warmup_epochs"] * steps_per_epoch,
+        warmup_lr_init=config["lr"] * 1e-3,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    start_epoch, start_step = 0, 0
+    if checkpoint is not None:
+        start_epoch, start_step = restore_training_state(
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+        )
+        logger.info("resumed from %s at epoch %d, step %d", checkpoint["path"], start_epoch, start_step)
+    if world_size > 1:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None)
+    else:
+        ddp_model = model
+    # An encoder trained on high-pass filtered views is evaluated on filtered images too.
+    eval_filter = None
+    if config["input_filter"]:
+        eval_filter = HighPassFilter(config["input_filter"]["kernel_size"], config["input_filter"]["sigma"])
+    metrics = MetricsLog(output_dir, enabled=rank == 0)
+
+    def save(epoch: int, step: int, record: dict[str, Any]) -> None:
+        state = training_state(
+            model=model, config=config, epoch=epoch, step=step, optimizer=optimizer, scheduler=scheduler,
+            scaler=scaler, metrics=record,
+        )  # fmt: skip
+        if rank == 0:
+            save_checkpoint(state, output_dir / "checkpoint.pt")
+
+    def knn_monitor() -> float:
+        return knn_top1(
+            model.encoder, *knn_loaders, num_classes, k=config["knn_k"], temperature=config["knn_temperature"],
+            device=device, transform=eval_filter, channels_last=channels_last, autocast=amp,
+        )  # fmt: skip
+
+    logger.info(
+        "SimCLR %s, strategy %s, saliency %s, %d images, %d steps of %d per epoch on %d rank(s), %s",
+        config["arch"], config["strategy"], config["saliency"], len(train_set), steps_per_epoch,
+        config["batch_size"], world_size, device,
+    )  # fmt: skip
+    knn_accuracy = None
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, config["epochs"]):
+            first_step = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, start=first_step * per_rank_batch)
+            train_set.set_epoch(epoch)
+            model.train()
+            progress = tqdm(
+                total=steps_per_epoch * config["batch_size"], initial=first_step * config["batch_size"],
+                unit="img", desc=f"epoch {epoch + 1}/{config['epochs']}", disable=rank != 0,
+                dynamic_ncols=True, file=sys.stderr,
+            )  # fmt: skip
+            step, loss_sum, accuracy_sum, started = first_step, 0.0, 0.0, time.perf_counter()
+            for batch in train_loader:
+                global_step = epoch * steps_per_epoch + step
+                scheduler.step_update(global_step)
+                views, _ = batch
+                views = [view.to(device, non_blocking=True) for view in views]
+                query, key = (views[0], views[2]) if len(views) == 4 else views
+                query_saliency, key_saliency = (views[1], views[3]) if len(views) == 4 else (None, None)
+                with torch.no_grad():
+                    masked = masker(query, key, query_saliency, key_saliency)
+                inputs = [masked.query, masked.key, masked.hard_negatives]
+                if channels_last:
+                    inputs = [x if x is None else x.contiguous(memory_format=torch.channels_last) for x in inputs]
+                with torch.autocast(device.type, enabled=amp):
+                    output = ddp_model(*inputs, masked.hard_negative_valid)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(output.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+
+                step += 1
+                loss = finite_or_raise(output.loss.item(), "the loss", f"epoch {epoch}, step {step}")
+                accuracy = 100.0 * (output.logits.argmax(1) == output.targets).float().mean().item()
+                loss_sum, accuracy_sum = loss_sum + loss, accuracy_sum + accuracy
+                progress.update(config["batch_size"])
+                progress.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.1f}", refresh=False)
+                if step % config["log_every"] == 0 or step == steps_per_epoch:
+                    elapsed = time.perf_counter() - started
+                    metrics.write(
+                        global_step + 1, epoch=epoch, step=step, loss=loss, instance_accuracy=accuracy,
+                        lr=optimizer.param_groups[0]["lr"],
+                        images_per_s=(step - first_step) * config["batch_size"] / max(elapsed, 1e-9),
+                    )  # fmt: skip
+                if stop.should_stop():
+                    progress.close()
+                    save(epoch, step, {"loss": loss})
+                    logger.info("stopped by signal at epoch %d, step %d; checkpoint written", epoch, step)
+                    metrics.close()
+                    return 0
+            progress.close()
+
+            done_steps = max(step - first_step, 1)
+            record = {"epoch": epoch, "loss": loss_sum / done_steps, "instance_accuracy": accuracy_sum / done_steps}
+            last_epoch = epoch + 1 == config["epochs"]
+            if last_epoch or (config["knn_every"] and (epoch + 1) % config["knn_every"] == 0):
+                knn_accuracy = record["knn_top1"] = knn_monitor()
+            logger.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in record.items()}))
+            metrics.write((epoch + 1) * steps_per_epoch, **record)
+            save(epoch + 1, 0, record)
+
+    metrics.close()
+    if knn_accuracy is None:
+        # Resumed from the checkpoint of the last epoch: evaluate the final encoder now (on every rank: the
+        # kNN monitor gathers features).
+        knn_accuracy = knn_monitor()
+    if rank == 0:
+        print(
+            f"kNN top-1: {knn_accuracy:.2f}% (k={config['knn_k']}, T={config['knn_temperature']}, "
+            f"{len(query_set)} validation images) after {config['epochs']} epochs; "
+            f"checkpoint {output_dir / 'checkpoint.pt'}"
+        )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
