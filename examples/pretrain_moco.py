@@ -69,6 +69,7 @@ PRESETS = Path(__file__).resolve().parent / "presets"
 
 # MoCo v2 as the paper trains it (its section 4 and appendix).
 DEFAULTS: dict[str, Any] = {
+    "method": "moco",
     "data": None,
     "output_dir": "outputs/pretrain_moco",
     "arch": "resnet50",

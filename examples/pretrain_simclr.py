@@ -70,6 +70,7 @@ PRESETS = Path(__file__).resolve().parent / "presets"
 
 # SimCLR as the paper trains it (its section 4 and appendix): LARS, batch 256, lr 0.3.
 DEFAULTS: dict[str, Any] = {
+    "method": "simclr",
     "data": None,
     "output_dir": "outputs/pretrain_simclr",
     "arch": "resnet50",

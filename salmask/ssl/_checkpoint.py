@@ -33,6 +33,8 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from salmask.distributed import get_rank, get_world_size, is_distributed
+from salmask.ssl._encoders import build_encoder
+from salmask.transforms import HighPassFilter
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
@@ -46,8 +48,10 @@ __all__ = [
     "encoder_state_dict",
     "finite_or_raise",
     "get_rng_state",
+    "input_filter_of",
     "load_checkpoint",
     "load_state_dict_checked",
+    "pretrained_encoder",
     "restore_training_state",
     "save_checkpoint",
     "set_rng_state",
@@ -420,6 +424,60 @@ def encoder_state_dict(checkpoint: Mapping[str, Any], prefix: str = "encoder.") 
             "pretraining checkpoint?"
         )
     return weights
+
+
+def pretrained_encoder(checkpoint: Mapping[str, Any]) -> nn.Module:
+    """The base encoder of a pretraining checkpoint, built as its recorded settings say and loaded.
+
+    Reads ``arch`` and ``small_images`` from the checkpoint's ``config`` (as the example pretraining scripts
+    record them) and loads the weights found under ``encoder.``.
+
+    Args:
+        checkpoint: from :func:`load_checkpoint`.
+
+    Returns:
+        The encoder (:func:`build_encoder`), on the CPU, in training mode.
+
+    Raises:
+        CheckpointError: the configuration does not name the architecture, or the weights do not fit it.
+    """
+    config = checkpoint["config"]
+    source = f"checkpoint {checkpoint.get('path', '')}".rstrip()
+    if "arch" not in config:
+        raise CheckpointError(f"{source} does not record its architecture (config['arch'])")
+    encoder = build_encoder(config["arch"], small_images=bool(config.get("small_images", False)))
+    load_state_dict_checked(encoder, encoder_state_dict(checkpoint), f"{source} (encoder, {config['arch']})")
+    return encoder
+
+
+def input_filter_of(config: Mapping[str, Any]) -> HighPassFilter | None:
+    """The filter the encoder's inputs went through in pretraining, to apply to its inputs downstream.
+
+    An encoder pretrained with the high-pass recipe (strategies ``"high_pass"`` and ``"mscn"``) has only
+    seen high-pass filtered views; it must be evaluated on filtered images. The pretraining scripts record
+    the filter as ``config["input_filter"]``; older configurations are read from their ``strategy``.
+
+    Args:
+        config: the checkpoint's ``config``.
+
+    Returns:
+        A :class:`~salmask.HighPassFilter` with the recorded kernel, or ``None`` for unfiltered inputs.
+
+    Example:
+        >>> from salmask.ssl import input_filter_of
+        >>> input_filter_of({"input_filter": {"name": "high_pass", "kernel_size": 11, "sigma": 5.0}})
+        HighPassFilter(kernel_size=11, sigma=5.0)
+        >>> input_filter_of({"strategy": "blur", "input_filter": None}) is None
+        True
+    """
+    if "input_filter" in config:
+        recorded = config["input_filter"]
+        if recorded is None:
+            return None
+        if recorded.get("name") != "high_pass":
+            raise CheckpointError(f"unknown input filter {recorded!r} recorded in the checkpoint")
+        return HighPassFilter(recorded["kernel_size"], recorded["sigma"])
+    return HighPassFilter() if config.get("strategy") in ("high_pass", "mscn") else None
 
 
 class StopSignal:
