@@ -150,6 +150,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         "on_bad_image": args.on_bad_image,
         "synthetic_train_size": trained.get("synthetic_train_size"),
         "synthetic_val_size": trained.get("synthetic_val_size"),
+        "synthetic_seed": trained.get("seed", 0),
     }
     if config["schedule"] == "step" and config["epochs"] != 100:
         # The MoCo recipe decays at 60% and 80% of its 100 epochs; keep the proportions for other lengths.
@@ -188,7 +189,7 @@ def build_datasets(config: dict[str, Any]) -> tuple[Any, Any, int]:
     name, root, size = config["dataset"], config["data"], config["image_size"]
     if name == "synthetic":
         train_transform, test_transform = transforms(size, resize=False)
-        common = {"image_size": size, "seed": 0, "in_memory": True}
+        common = {"image_size": size, "seed": config["synthetic_seed"], "in_memory": True}
         train = SyntheticShapes("train", num_images=config["synthetic_train_size"], transform=train_transform, **common)
         test = SyntheticShapes("val", num_images=config["synthetic_val_size"], transform=test_transform, **common)
         return train, test, train.num_classes
