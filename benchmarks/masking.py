@@ -9,7 +9,8 @@
    limit, and torchvision's ``gaussian_blur`` is timed for reference.
 2. Operators dispatched per batch (one kernel launch each on a GPU) for batch sizes 8 to 256, against a
    per-image loop shaped like the paper's public release (written below as a reference, not imported).
-3. The per-image path that runs inside DataLoader workers: images per second on one core.
+3. The per-image path that runs inside DataLoader workers: images per second on one core, and through
+   a DataLoader whose worker processes mask each image (images per second per worker).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import math
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -102,6 +104,7 @@ def throughput(device: torch.device, batch_size: int, size: int, repeats: int) -
         in_ms = time_call(lambda t=inplace: t(buffer, saliency), device, repeats)
         limit_name, out_limit = limit_for(name, clone_ms, blur_ms)
         in_limit = out_limit - clone_ms + copy_ms
+        worst = max(out_ms / out_limit, in_ms / in_limit)
         rows.append(
             [
                 name,
@@ -110,6 +113,7 @@ def throughput(device: torch.device, batch_size: int, size: int, repeats: int) -
                 f"{in_ms:.1f}",
                 f"{in_ms / in_limit:.2f}x {limit_name}",
                 f"{batch_size / out_ms * 1e3:.0f}",
+                "met" if worst <= 2.0 else "missed",
             ]
         )
     limits = markdown_table(
@@ -126,13 +130,16 @@ def throughput(device: torch.device, batch_size: int, size: int, repeats: int) -
             ],
         ],
     )
-    table = markdown_table(["configuration", "out-of-place ms", "vs limit", "inplace ms", "vs limit", "images/s"], rows)
+    table = markdown_table(
+        ["configuration", "out-of-place ms", "vs limit", "inplace ms", "vs limit", "images/s", "within 2x"], rows
+    )
     return (
         f"## 1. Throughput on a batch of {batch_size} x 3 x {size} x {size} float32 on {device}\n\n"
         f"Limits measured in the same run:\n\n{limits}\n\n"
         "Each configuration is a whole `SaliencyMask` call (drawing the masks and filling them), saliency "
         "on a 7x7 grid, `check_values=False`. The out-of-place limit is `clone()`; the in-place one "
-        "`copy_`; blur-based fills add one kernel-31 blur to the limit.\n\n"
+        "`copy_`; blur-based fills add one kernel-31 blur to the limit (the high-pass filter's kernel 11 is "
+        "cheaper, so this limit is generous for it). Target: within 2x of the limit, both ways.\n\n"
         f"{table}"
     )
 
@@ -191,6 +198,47 @@ def per_image(size: int, count: int) -> str:
     )
 
 
+class _MaskedImages(torch.utils.data.Dataset):
+    """Images with their full-resolution saliency, masked by ``transform`` (``None``: returned as they are)."""
+
+    def __init__(self, size: int, count: int, transform) -> None:
+        self.images = [torch.rand(3, size, size) for _ in range(8)]
+        self.saliency = Saliency(torch.rand(size, size) < 0.45)
+        self.count, self.transform = count, transform
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[index % 8]
+        if self.transform is None:
+            return image.clone()
+        return self.transform(image, self.saliency)[0]
+
+
+def loader(size: int, workers: int, count: int) -> str:
+    """Images per second through a DataLoader whose workers mask each image (worker start-up excluded)."""
+    configurations = {"no masking (clone)": None, **strategies()}
+    rows = []
+    for name, options in configurations.items():
+        transform = None if options is None else SaliencyMask(**options)
+        dataset = _MaskedImages(size, count + 64 * workers, transform)
+        batches = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers, persistent_workers=False)
+        iterator = iter(batches)
+        for _ in range(2 * workers):  # start-up and first batches
+            next(iterator)
+        start = time.perf_counter()
+        seen = sum(len(batch) for batch in iterator)
+        seconds = time.perf_counter() - start
+        rows.append([name, f"{seen / seconds:.0f}", f"{seen / seconds / workers:.0f}"])
+    table = markdown_table(["transform", "images/s", f"images/s per worker ({workers} workers)"], rows)
+    return (
+        f"### 3b. Inside DataLoader workers\n\n{workers} worker processes (one torch thread each), batches of 32 "
+        f"images of {size} px with full-resolution saliency, value checks on; the first batches (worker "
+        f"start-up) are not timed. The first row is the loader's own cost per image.\n\n{table}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -198,8 +246,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--per-image-count", type=int, default=64)
+    parser.add_argument("--loader-workers", type=int, default=2)
+    parser.add_argument("--loader-images", type=int, default=512, help="images timed per DataLoader run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the batch timings")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write results/masking.md")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     random.seed(0)
@@ -207,6 +260,7 @@ def main() -> None:
         throughput(device, args.batch_size, args.size, args.repeats),
         operator_counts(device, args.size),
         per_image(args.size, args.per_image_count),
+        loader(args.size, args.loader_workers, args.loader_images),
     ]
     print("\n\n".join(sections))
     if not args.no_write:

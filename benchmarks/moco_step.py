@@ -1,0 +1,177 @@
+"""End to end: one MoCo v2 training step with and without masking, and with each saliency route, as ratios.
+
+    python benchmarks/moco_step.py                         # CPU, ResNet-18 and ResNet-50, batch 32 at 224 px
+    python benchmarks/moco_step.py --archs resnet18 --batch 8 --repeats 2     # quick
+    python benchmarks/moco_step.py --device cuda --batch 128
+
+A step is what a training loop runs per batch of ``--batch`` query and key views already on the device:
+``MaskedViews`` (saliency, masks, fills), ``salmask.ssl.MoCo`` (momentum update, query forward and
+backward, key forward, hard negatives through the key encoder, queue of 65 536), ``optimizer.step()``
+(SGD). The paper's per-device batch is 32 (128 over 4 GPUs). Variants, timed in one run with the
+repeats interleaved (variant order rotates each round) and reported as medians:
+
+- ``none``: MoCo v2, no masking;
+- ``masking``: each fill's query masks with saliency given on the 7 x 7 grid, no hard negatives (the
+  masking's own cost);
+- ``masking + cache``: the high-pass masks with the saliency of a cache route, full-resolution boolean
+  maps of each view, as the data loader collates them (the loader's own work per step, done in worker
+  processes in parallel with the step, is timed apart in the last column);
+- ``masking + hard negatives``: the full recipe with saliency given (on the 7 x 7 grid, or from the
+  cache); the hard negatives cost one more key-encoder forward, which is the method, not the masking;
+- ``masking + online SCDA``: saliency computed in the step by ``SCDA`` on query and key views (ResNet-50
+  at 224 px as in the paper's release; EfficientNet-Lite0 at 128 px, the cheap route).
+
+Random weights: the cost does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, synchronize, write_report
+from saliency_cost import cache_step
+
+from salmask import Saliency
+from salmask.saliency import SCDA, build_backbone, offline_weights_path
+from salmask.ssl import MaskedViews, MoCo, build_encoder
+
+BASELINE = "none"
+
+
+def variants(batch: int, size: int, device: torch.device) -> dict[str, tuple[MaskedViews, Saliency | None]]:
+    """Each variant's masking module and the saliency handed to it (``None``: computed in the step)."""
+    grid = torch.rand(batch, size // 32, size // 32, device=device) < 0.45
+    full = torch.nn.functional.interpolate(grid[:, None].float(), size=(size, size), mode="nearest")[:, 0].bool()
+    grid, full = Saliency(grid), Saliency(full)
+    out: dict[str, tuple[MaskedViews, Saliency | None]] = {BASELINE: (MaskedViews("none"), None)}
+    for fill in ("high_pass", "blur", "mean"):
+        out[f"masking ({fill})"] = (MaskedViews(fill, hard_negatives=False), grid)
+    out["masking (high_pass) + cache"] = (MaskedViews("high_pass", hard_negatives=False), full)
+    out["masking (high_pass) + hard negatives"] = (MaskedViews("high_pass"), grid)
+    out["masking (high_pass) + hard negatives + cache"] = (MaskedViews("high_pass"), full)
+    out["masking (high_pass) + hard negatives + online SCDA ResNet-50 224 px"] = (
+        MaskedViews("high_pass", scda=SCDA(build_backbone("resnet50", weights=None)).to(device)),
+        None,
+    )
+    if offline_weights_path("efficientnet_lite0") is not None:
+        lite = SCDA(build_backbone("efficientnet_lite0", "imagenet"), input_size=128, output_size=size // 32)
+        out["masking (high_pass) + hard negatives + online SCDA Lite0 128 px"] = (
+            MaskedViews("high_pass", scda=lite.to(device)),
+            None,
+        )
+    return out
+
+
+def make_step(model: MoCo, optimizer, masker: MaskedViews, saliency, query, key) -> Callable[[], None]:
+    def step() -> None:
+        views = masker(query, key, saliency, saliency) if saliency is not None else masker(query, key)
+        out = model(views.query, views.key, views.hard_negatives, views.hard_negative_valid)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure(arch: str, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, float], float]:
+    torch.manual_seed(0)
+    model = MoCo(build_encoder(arch), queue_size=args.queue).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.9, weight_decay=1e-4)
+    query = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    key = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    steps = {
+        name: make_step(model, optimizer, masker, saliency, query, key)
+        for name, (masker, saliency) in variants(args.batch, args.size, device).items()
+    }
+    for step in steps.values():  # warm-up
+        step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    loader_ms = _median_ms(cache_step(args.batch), args.repeats)
+    return {name: statistics.median(values) for name, values in samples.items()}, loader_ms
+
+
+def _median_ms(call: Callable[[], object], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def target(name: str, added: float) -> str:
+    """The issue's targets: masking alone and masking with the cache under 5 % of the step; online SCDA
+    well under the paper's +64 %."""
+    if name == BASELINE:
+        return "-"
+    if "online SCDA" in name:
+        return f"{'met' if added < 0.64 else 'missed'} (< +64 %; {added / 0.64:.2f} of the paper's)"
+    if "hard negatives" in name:
+        return "- (adds an encoder forward)"
+    return f"{'met' if added < 0.05 else 'missed'} (< 5 %)"
+
+
+def section(arch: str, medians: dict[str, float], loader_ms: float, args: argparse.Namespace) -> str:
+    base = medians[BASELINE]
+    rows = []
+    for name, ms in medians.items():
+        added = (ms - base) / base
+        loader = f"{loader_ms:.0f} ({loader_ms / base:.1%})" if name.endswith("+ cache") else "-"
+        rows.append([name, f"{ms:.0f}", f"{ms / base:.3f}", f"{added:+.1%}", target(name, added), loader])
+    table = markdown_table(
+        ["step", "ms (median)", "vs MoCo v2", "added", "target", "loader work per step, in workers: ms (vs step)"],
+        rows,
+    )
+    return f"### {arch}, batch {args.batch} x {args.size} px, median of {args.repeats} interleaved steps\n\n{table}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--queue", type=int, default=65536)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write results/moco_step.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sections = [
+        "## 5. End to end: one MoCo v2 step\n\n"
+        "`added` is the step's extra time over MoCo v2 without masking in the same run. The paper reports "
+        "+64 % per epoch for its high-pass recipe with online SCDA (9 vs 5.5 min on 4 GPUs) and +36 % for "
+        "mean filling. The cache row's loader work runs in DataLoader workers, in parallel with the step; "
+        "it is hidden as long as the workers keep up."
+    ]
+    for arch in args.archs:
+        medians, loader_ms = measure(arch, args, device)
+        sections.append(section(arch, medians, loader_ms, args))
+        print(sections[-1], flush=True)
+    if not args.no_write:
+        command = ("python benchmarks/moco_step.py " + " ".join(sys.argv[1:])).strip()
+        print(f"wrote {write_report('moco_step', 'End to end MoCo v2 step', command, device, sections)}")
+
+
+if __name__ == "__main__":
+    main()

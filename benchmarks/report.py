@@ -1,0 +1,82 @@
+"""Assemble ``benchmarks/RESULTS.md`` from the section files the benchmark scripts write under ``results/``.
+
+    python benchmarks/report.py                  # assemble from the existing section files
+    python benchmarks/report.py --run            # run every timing benchmark first (about 40 min on 2 cores)
+    python benchmarks/report.py --run --quick    # small batches and few repeats (a few minutes)
+
+``--run`` does not start the ablation (about 45 min of CPU): run ``python benchmarks/ablation.py`` on its
+own; its section is picked up once written. The variance benchmark needs the ablation's baseline encoder
+for its second table. Each section keeps the command and the machine that produced it; ``notes.md``
+(written by hand, dated) explains the numbers of the run it names and is appended last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent
+RESULTS = BENCHMARKS / "results"
+
+# (section file, script, full arguments, quick arguments), in the order of the issue's list.
+SECTIONS = [
+    ("masking", "masking.py", [], ["--batch-size", "16", "--repeats", "3", "--per-image-count", "16"]),
+    ("profile", "profile_masking.py", [], ["--batch-size", "16"]),
+    ("saliency_cost", "saliency_cost.py", [], ["--batch", "8", "--repeats", "1", "--crops", "5"]),
+    ("moco_step", "moco_step.py", [], ["--archs", "resnet18", "--batch", "8", "--repeats", "2"]),
+    ("ablation", None, [], []),
+    ("variance", "variance.py", [], ["--images", "30", "--views", "8"]),
+]
+
+HEADER = """# salmask benchmarks: results
+
+Assembled by `python benchmarks/report.py` on {date} from the section files in `benchmarks/results/`;
+every section names the command that produced it and the machine it ran on. How to rerun each benchmark:
+`benchmarks/README.md`. Timings belong here, never in the tests.
+"""
+
+
+def run(quick: bool) -> None:
+    for _, script, full, short in SECTIONS:
+        if script is None:
+            continue
+        command = [sys.executable, str(BENCHMARKS / script), *(short if quick else full)]
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True, cwd=BENCHMARKS.parent)
+
+
+def assemble() -> Path:
+    parts = [HEADER.format(date=datetime.date.today().isoformat())]
+    for name, script, _, _ in SECTIONS:
+        path = RESULTS / f"{name}.md"
+        if path.is_file():
+            text = path.read_text().strip()
+            # Each file starts with a level-1 title; inside RESULTS.md it becomes a level-2 one.
+            text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+            parts.append(text)
+        else:
+            how = f"python benchmarks/{script or 'ablation.py'}"
+            parts.append(f"## {name}\n\nNot run yet: `{how}`.")
+    notes = BENCHMARKS / "notes.md"
+    if notes.is_file():
+        parts.append("\n".join("#" + line if line.startswith("#") else line for line in notes.read_text().splitlines()))
+    out = BENCHMARKS / "RESULTS.md"
+    out.write_text("\n\n".join(parts).rstrip() + "\n")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="store_true", help="run the timing benchmarks and the variance one first")
+    parser.add_argument("--quick", action="store_true", help="with --run: small, fast settings")
+    args = parser.parse_args()
+    if args.run:
+        run(args.quick)
+    print(f"wrote {assemble()}")
+
+
+if __name__ == "__main__":
+    main()

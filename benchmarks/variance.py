@@ -1,0 +1,214 @@
+"""The paper's variance claim (its Table 7): masked views have a higher representation variance than views
+made by the standard augmentations alone.
+
+    python benchmarks/variance.py                          # both encoders below, writes results/variance.md
+    python benchmarks/variance.py --encoders lite0 --views 8 --images 50     # quick
+
+Variance as the paper's reference [35] (Wang et al., "On the importance of asymmetry for Siamese
+representation learning", CVPR 2022) measures it: the variance of an image's encoding over the
+randomness of its augmentations. For each image, ``--views`` augmented views are encoded and
+L2-normalised; the variance of each output dimension across the views (unbiased) is averaged over the
+dimensions, then over the images. The same views are used for every row: the masked rows mask (with
+``salmask.ssl.MaskedViews``, query masks, saliency from SCDA on each view) the very views of the
+``standard`` row, so the rows differ only by the masking. An L2-normalised D-dimensional encoding has a
+variance of at most 1/D, so values are comparable only within one encoder.
+
+Encoders:
+
+- ``lite0``: the ImageNet-pretrained EfficientNet-Lite0 (offline weights), pooled 1280-d features, on the
+  scikit-image photos at 224 px with MoCo v2's augmentations; saliency from SCDA on the same network.
+- ``ablation``: the MoCo v2 ResNet-18 trained without masking by ``benchmarks/ablation.py`` (seed 0), its
+  128-d embedding (the space of the contrastive loss, as in the paper's MoCo setting) and its 512-d
+  features, on Fashion-MNIST test images with the ablation's augmentations and filters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ablation
+from _common import markdown_table, write_report
+
+from salmask import build_scda
+from salmask.functional import high_pass
+from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from salmask.ssl import MaskedViews, build_encoder, projection_head
+
+# Table 7 of the paper (x 1e-3, ResNet-50 MoCo v2, TinyImageNet validation).
+PAPER = {
+    "standard": "6.196",
+    "+ high-pass masking": "10.952",
+    "high-pass filter, no masking": "8.67",
+    "+ strong blur masking": "7.744",
+    "+ mean masking": "7.776",
+}
+
+
+def representation_variance(embeddings: torch.Tensor) -> float:
+    """``(images, views, D)`` L2-normalised encodings -> mean over images and dimensions of the variance over views."""
+    return embeddings.var(dim=1).mean().item()
+
+
+def variants(high_pass_options: dict, blur_options: dict, patch: int, seed: int) -> dict[str, Callable]:
+    """Each row's change to a batch of standard views: ``f(views, saliency) -> views``."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def masked(strategy: str, **options) -> Callable:
+        module = MaskedViews(strategy, hard_negatives=False, patch_size=patch, generator=generator, **options)
+        return lambda views, saliency: module(views, views, saliency, saliency).query
+
+    return {
+        "standard": lambda views, saliency: views,
+        "+ high-pass masking": masked("high_pass", fill_options=dict(high_pass_options)),
+        "high-pass filter, no masking": lambda views, saliency: high_pass(views, **high_pass_options),
+        "+ strong blur masking": masked("blur", fill_options=dict(blur_options)),
+        "+ mean masking": masked("mean"),
+    }
+
+
+@torch.no_grad()
+def measure(
+    images: list, make_views: Callable, encoders: dict[str, Callable], rows: dict
+) -> dict[str, dict[str, float]]:
+    """Variance of each row for each encoder output; ``make_views(image) -> (views, saliency)``."""
+    out: dict[str, dict[str, list[torch.Tensor]]] = {name: {key: [] for key in encoders} for name in rows}
+    for image in images:
+        batch, saliency = make_views(image)
+        for name, change in rows.items():
+            changed = change(batch, saliency)
+            for key, encode in encoders.items():
+                out[name][key].append(F.normalize(encode(changed), dim=1))
+    return {
+        name: {key: representation_variance(torch.stack(values)) for key, values in per.items()}
+        for name, per in out.items()
+    }
+
+
+def photos_setting(args: argparse.Namespace) -> tuple[str, dict]:
+    from saliency_cost import PHOTOS, photo
+
+    backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
+    scda = build_scda("efficientnet_lite0")
+    augment = v2.Compose(
+        [
+            v2.RandomResizedCrop(224, scale=(0.2, 1.0), antialias=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD)),
+        ]
+    )
+    images = [v2.functional.pil_to_tensor(photo(name)) for name in PHOTOS]
+    images = (images * (args.images // len(images) + 1))[: max(args.images, 1)]
+    torch.manual_seed(args.seed)
+
+    def make_views(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.stack([augment(image) for _ in range(args.views)])
+        return batch, scda(batch)
+
+    results = measure(
+        images,
+        make_views,
+        {"1280-d pooled features": lambda x: backbone(x).mean((2, 3))},
+        variants({"kernel_size": 11, "sigma": 5.0}, {"kernel_size": 31, "sigma": 10.0}, 32, args.seed),
+    )
+    note = (
+        f"EfficientNet-Lite0 (ImageNet, offline weights), {len(set(PHOTOS))} scikit-image photos "
+        f"({', '.join(PHOTOS)}) cycled to {len(images)} images x {args.views} views of 224 px (MoCo v2 "
+        "augmentations), release filters (high-pass kernel 11 sigma 5, blur kernel 31 sigma 10), 32 px patches, "
+        "SCDA saliency of each view."
+    )
+    return note, results
+
+
+def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
+    path = ablation.CHECKPOINTS / f"none_seed{args.seed}.pt"
+    if not path.is_file():
+        print(f"ablation encoder skipped: {path} not found (run benchmarks/ablation.py first)")
+        return None
+    state = torch.load(path)
+    encoder = build_encoder("resnet18")
+    encoder.load_state_dict(state["encoder"])
+    projector = projection_head(encoder.num_features)
+    projector.load_state_dict(state["projector"])
+    encoder.eval()
+    projector.eval()
+    raw = ablation.load_fashion_mnist(args.data)
+    test = ablation.to_unit(raw["test_images"][: args.images])
+    maps = ablation.scda_saliency(test, input_size=128)
+    saliency = F.interpolate(maps[:, None].float(), size=(ablation.SIZE,) * 2, mode="nearest")
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def make_views(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        copies = [tensor[index : index + 1].expand(args.views, -1, -1, -1) for tensor in (test, saliency)]
+        return ablation.augment(*copies, generator)
+
+    results = measure(
+        list(range(len(test))),
+        make_views,
+        {
+            "128-d embedding": lambda x: projector(encoder(x)),
+            "512-d features": lambda x: encoder(x),
+        },
+        variants(ablation.HIGH_PASS, ablation.STRONG_BLUR, ablation.PATCH, args.seed),
+    )
+    note = (
+        f"MoCo v2 ResNet-18 trained without masking by `benchmarks/ablation.py` (seed {args.seed}), "
+        f"{len(test)} Fashion-MNIST test images x {args.views} views of {ablation.SIZE} px (the ablation's "
+        "augmentations and scaled filters), cached SCDA saliency cropped with each view."
+    )
+    return note, results
+
+
+def table(note: str, results: dict[str, dict[str, float]]) -> str:
+    keys = list(next(iter(results.values())))
+    header = ["views"]
+    for key in keys:
+        header += [f"{key}: variance (1e-3)", "vs standard"]
+    header.append("paper, Table 7 (1e-3)")
+    rows = []
+    for name, per in results.items():
+        row: list[object] = [name]
+        for key in keys:
+            row += [f"{per[key] * 1e3:.3f}", f"{per[key] / results['standard'][key]:.2f}x"]
+        rows.append([*row, PAPER[name]])
+    return f"{note}\n\n{markdown_table(header, rows)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoders", nargs="+", default=["lite0", "ablation"], choices=["lite0", "ablation"])
+    parser.add_argument("--images", type=int, default=200, help="images (photos are cycled with fresh views)")
+    parser.add_argument("--views", type=int, default=16, help="augmented views per image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=ablation.DEFAULT_DATA)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write results/variance.md")
+    args = parser.parse_args()
+    sections = [
+        "## 7. Representation variance of standard and masked views (paper's Table 7)\n\n"
+        "Per image, the variance over its augmented views of the L2-normalised encoding, averaged over "
+        "dimensions and images (the measure of the paper's reference [35]); every row encodes the same "
+        "views, masked or filtered as named."
+    ]
+    for name in args.encoders:
+        result = photos_setting(args) if name == "lite0" else ablation_setting(args)
+        if result is not None:
+            sections.append(table(*result))
+            print(sections[-1], flush=True)
+    if not args.no_write:
+        command = ("python benchmarks/variance.py " + " ".join(sys.argv[1:])).strip()
+        print(f"wrote {write_report('variance', 'Representation variance', command, torch.device('cpu'), sections)}")
+
+
+if __name__ == "__main__":
+    main()
