@@ -48,38 +48,38 @@ _BACKGROUND = 7  # two colours (h, s, v) and the gradient angle
 _WAVE = 7  # angle, frequency, phase, amplitude, tint (r, g, b)
 _BLOB = 7  # x, y, sigma, opacity, colour (h, s, v)
 _LINE = 7  # angle, offset, half width, opacity, colour (h, s, v)
-_HSV_OFFSETS = torch.tensor([5.0, 3.0, 1.0])
+_HSV_OFFSETS = np.array([5.0, 3.0, 1.0], dtype=np.float32)
 _NUM_DRAWS = _OBJECT + _BACKGROUND + _NUM_WAVES * _WAVE + _NUM_BLOBS * _BLOB + _NUM_LINES * _LINE
 
 
-def _hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
+def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
     """``(B,)`` HSV in ``[0, 1]`` to ``(B, 3, 1, 1)`` RGB in ``[0, 1]``."""
     # Closed form: each channel is value * (1 - saturation * clip(min(k, 4 - k), 0, 1)).
-    k = torch.remainder(_HSV_OFFSETS + hue[:, None] * 6.0, 6.0)
-    rgb = value[:, None] * (1.0 - saturation[:, None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    k = np.remainder(_HSV_OFFSETS + hue[:, None] * 6.0, 6.0)
+    rgb = value[:, None] * (1.0 - saturation[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
     return rgb[:, :, None, None]
 
 
-def _inside(label: int, u: Tensor, v: Tensor) -> Tensor:
+def _inside(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Pixels inside shape ``label`` in its own frame, where every shape fits in the unit disc."""
     radius2 = u * u + v * v
     name = SHAPE_CLASSES[label]
     if name == "disc":
         return radius2 <= 0.85**2
     if name == "square":
-        return torch.maximum(u.abs(), v.abs()) <= 0.66
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.66
     if name == "triangle":
         root3 = math.sqrt(3.0)
         return (v >= -0.47) & (root3 * u + v <= 0.94) & (-root3 * u + v <= 0.94)
     if name == "cross":
-        return ((u.abs() <= 0.28) & (v.abs() <= 0.92)) | ((v.abs() <= 0.28) & (u.abs() <= 0.92))
+        return ((np.abs(u) <= 0.28) & (np.abs(v) <= 0.92)) | ((np.abs(v) <= 0.28) & (np.abs(u) <= 0.92))
     if name == "ring":
         return (radius2 >= 0.5**2) & (radius2 <= 0.92**2)
     if name == "star":
         sector = 2.0 * math.pi / 5.0
-        phase = torch.remainder(torch.atan2(v, u) + math.pi / 2.0, sector) / sector
+        phase = np.remainder(np.arctan2(v, u) + math.pi / 2.0, sector) / sector
         # The radius limit runs linearly from a tip (0.95) down to a notch (0.4) and back within a sector.
-        return radius2.sqrt() <= 0.4 + 0.55 * (2.0 * phase - 1.0).abs()
+        return np.sqrt(radius2) <= 0.4 + 0.55 * np.abs(2.0 * phase - 1.0)
     if name == "crescent":
         return (radius2 <= 0.92**2) & ((u - 0.38) ** 2 + v * v > 0.72**2)
     if name == "heart":
@@ -87,31 +87,31 @@ def _inside(label: int, u: Tensor, v: Tensor) -> Tensor:
         x, y = u / 0.66, v / 0.66 + 0.12
         return (x * x + y * y - 1.0) ** 3 <= x * x * y**3
     if name == "bar":
-        return (u.abs() <= 0.92) & (v.abs() <= 0.26)
+        return (np.abs(u) <= 0.92) & (np.abs(v) <= 0.26)
     # ell: a vertical and a horizontal arm meeting at a corner
-    vertical = (u >= -0.6) & (u <= -0.2) & (v.abs() <= 0.7)
+    vertical = (u >= -0.6) & (u <= -0.2) & (np.abs(v) <= 0.7)
     horizontal = (u >= -0.6) & (u <= 0.6) & (v >= -0.7) & (v <= -0.3)
     return vertical | horizontal
 
 
-def _render(labels: Sequence[int], draws: Tensor, noise: Tensor, image_size: int) -> tuple[Tensor, Tensor]:
+def _render(labels: Sequence[int], draws: np.ndarray, noise: np.ndarray, image_size: int) -> tuple[Tensor, Tensor]:
     """Images ``(B, 3, S, S)`` uint8 and object masks ``(B, S, S)`` bool from ``(B, _NUM_DRAWS)`` uniform
     draws and ``(B, 3, S, S)`` uniform noise."""
     columns = iter(draws.T)
 
-    def take() -> Tensor:
+    def take() -> np.ndarray:
         # (B, 1, 1): one parameter per item, ready to broadcast over (B, S, S)
         return next(columns)[:, None, None]
 
-    def take_colour(saturation: float = 1.0, value_low: float = 0.0) -> Tensor:
+    def take_colour(saturation: float = 1.0, value_low: float = 0.0) -> np.ndarray:
         hue, sat, value = next(columns), next(columns), next(columns)
         return _hsv_to_rgb(hue, saturation * sat, value_low + (1.0 - value_low) * value)
 
     size = float(image_size)
     batch = len(labels)
     # Pixel centres relative to the image centre, in pixels: a row (1, 1, S) and a column (1, S, 1).
-    centres = torch.arange(image_size, dtype=torch.float32) + 0.5 - size / 2
-    xs, ys = centres.view(1, 1, -1), centres.view(1, -1, 1)
+    centres = np.arange(image_size, dtype=np.float32) + 0.5 - size / 2
+    xs, ys = centres.reshape(1, 1, -1), centres.reshape(1, -1, 1)
 
     # Every shape fits in the unit disc of its frame; a radius of 22-40% of the side and a centre at least
     # radius + 1 px from each edge keep the whole object inside the image, large enough to cover several
@@ -128,50 +128,50 @@ def _render(labels: Sequence[int], draws: Tensor, noise: Tensor, image_size: int
     # Background: a gradient between two muted colours...
     first, second = take_colour(0.6, 0.2), take_colour(0.6, 0.2)
     gradient = 2.0 * math.pi * take()
-    ramp = (torch.cos(gradient) * xs + torch.sin(gradient) * ys) / size + 0.5
-    image = first + (second - first) * ramp.clamp(0.0, 1.0).unsqueeze(1)
+    ramp = (np.cos(gradient) * xs + np.sin(gradient) * ys) / size + 0.5
+    image = first + (second - first) * np.clip(ramp, 0.0, 1.0)[:, None]
     # ...with oriented stripes of several frequencies and tints...
     for _ in range(_NUM_WAVES):
         wave_angle, frequency, phase = math.pi * take(), 2.0 + 10.0 * take(), 2.0 * math.pi * take()
         amplitude = 0.04 + 0.12 * next(columns)[:, None]
-        tint = amplitude * (0.4 + 0.6 * torch.stack([next(columns) for _ in range(3)], dim=1))
-        along = (torch.cos(wave_angle) * xs + torch.sin(wave_angle) * ys) / size
-        image = image + tint[:, :, None, None] * torch.sin(2.0 * math.pi * frequency * along + phase).unsqueeze(1)
+        tint = amplitude * (0.4 + 0.6 * np.stack([next(columns) for _ in range(3)], axis=1))
+        along = (np.cos(wave_angle) * xs + np.sin(wave_angle) * ys) / size
+        image = image + tint[:, :, None, None] * np.sin(2.0 * math.pi * frequency * along + phase)[:, None]
     # ...soft coloured blobs, at times as saturated as the objects, so colour alone does not find them...
     for _ in range(_NUM_BLOBS):
         x, y = size * (take() - 0.5), size * (take() - 0.5)
         sigma, opacity = size * (0.05 + 0.15 * take()), 0.35 + 0.55 * take()
         blob_colour = take_colour(1.0, 0.2)
         # A separable Gaussian: two 1-D profiles instead of an exponential per pixel.
-        weight = opacity * torch.exp(-((xs - x) ** 2) / (2 * sigma**2)) * torch.exp(-((ys - y) ** 2) / (2 * sigma**2))
-        image = torch.lerp(image, blob_colour.expand_as(image), weight.unsqueeze(1))
+        weight = opacity * np.exp(-((xs - x) ** 2) / (2 * sigma**2)) * np.exp(-((ys - y) ** 2) / (2 * sigma**2))
+        image = image + (blob_colour - image) * weight[:, None]
     # ...and thin straight lines with hard edges, so edges alone do not find them either.
     for _ in range(_NUM_LINES):
         line_angle, offset = math.pi * take(), size * (take() - 0.5)
         half_width, opacity = 0.4 + 0.8 * take(), 0.5 + 0.5 * take()
         line_colour = take_colour(1.0, 0.2)
-        on_line = ((torch.cos(line_angle) * xs + torch.sin(line_angle) * ys - offset).abs() <= half_width).unsqueeze(1)
-        image = torch.where(on_line, torch.lerp(image, line_colour.expand_as(image), opacity.unsqueeze(1)), image)
+        on_line = np.abs(np.cos(line_angle) * xs + np.sin(line_angle) * ys - offset) <= half_width
+        image = np.where(on_line[:, None], image + (line_colour - image) * opacity[:, None], image)
 
     # The object, drawn opaque in its own rotated frame scaled to its radius.
     dx, dy = (xs - centre_x) / radius, (ys - centre_y) / radius
-    cos, sin = torch.cos(angle), torch.sin(angle)
+    cos, sin = np.cos(angle), np.sin(angle)
     u, v = cos * dx + sin * dy, cos * dy - sin * dx
-    label_tensor = torch.as_tensor(list(labels), dtype=torch.long)
+    label_array = np.asarray(labels)
     if batch == 1:
-        masks = _inside(int(label_tensor[0]), u, v)
+        masks = _inside(int(label_array[0]), u, v)
     else:
-        masks = torch.zeros(batch, image_size, image_size, dtype=torch.bool)
-        for label in torch.unique(label_tensor).tolist():
-            rows = (label_tensor == label).nonzero().squeeze(1)
+        masks = np.zeros((batch, image_size, image_size), dtype=bool)
+        for label in np.unique(label_array).tolist():
+            rows = np.flatnonzero(label_array == label)
             masks[rows] = _inside(label, u[rows], v[rows])
-    shade = 1.0 + shading * (torch.cos(shading_angle) * dx + torch.sin(shading_angle) * dy)
-    image = torch.where(masks.unsqueeze(1), object_colour * shade.unsqueeze(1), image)
+    shade = 1.0 + shading * (np.cos(shading_angle) * dx + np.sin(shading_angle) * dy)
+    image = np.where(masks[:, None], object_colour * shade[:, None], image)
 
     # Sensor-like noise, uniform in +-0.04 (about 2.5% standard deviation).
     image = image + 0.08 * (noise - 0.5)
-    image = image.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-    return image, masks
+    pixels = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return torch.from_numpy(pixels), torch.from_numpy(masks)
 
 
 class SyntheticShapes(Dataset):
@@ -263,7 +263,7 @@ class SyntheticShapes(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def render(self, indices: Sequence[int] | range, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    def render(self, indices: Sequence[int] | range, batch_size: int = 64) -> tuple[Tensor, Tensor]:
         """Render items together, much faster than one by one.
 
         Args:
@@ -298,9 +298,7 @@ class SyntheticShapes(Dataset):
                 draws[row] = generator.random(_NUM_DRAWS, dtype=np.float32)
                 noise[row] = generator.random((3, size, size), dtype=np.float32)
             labels = [index % self.num_classes for index in chunk]
-            images[start : start + len(chunk)], masks[start : start + len(chunk)] = _render(
-                labels, torch.from_numpy(draws), torch.from_numpy(noise), size
-            )
+            images[start : start + len(chunk)], masks[start : start + len(chunk)] = _render(labels, draws, noise, size)
         return images, masks
 
     def _check_index(self, index: int) -> int:

@@ -157,3 +157,12 @@ def test_bad_indices() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         dataset.render([0], batch_size=0)
     assert torch.equal(dataset[np.int64(2)][0], dataset[-2][0])
+
+
+def test_items_do_not_depend_on_dataloader_workers() -> None:
+    from torch.utils.data import DataLoader
+
+    dataset = SyntheticShapes(num_images=16, image_size=16, return_saliency=True)
+    batches = [list(DataLoader(dataset, batch_size=4, num_workers=workers, shuffle=False)) for workers in (0, 2)]
+    for ((images, masks), targets), ((images_w, masks_w), targets_w) in zip(*batches, strict=True):
+        assert torch.equal(images, images_w) and torch.equal(masks, masks_w) and torch.equal(targets, targets_w)
