@@ -201,8 +201,12 @@ def load_preset(name: str) -> dict[str, Any]:
         available = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise SystemExit(f"--preset {name!r}: no file {path}; presets: {', '.join(available)}")
     preset = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(preset, dict):
+        raise SystemExit(f"--preset {name!r}: {path} must hold a mapping of settings")
     unknown = sorted(set(preset) - set(DEFAULTS))
-    if not isinstance(preset, dict) or unknown:
+    if preset.get("method", DEFAULTS["method"]) != DEFAULTS["method"]:
+        raise SystemExit(f"--preset {name!r} is a {preset['method']} run: use examples/pretrain_{preset['method']}.py")
+    if unknown:
         raise SystemExit(f"--preset {name!r}: {path} has unknown settings {unknown}")
     return preset
 
@@ -217,6 +221,8 @@ def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, An
     else:
         data = given.get("data")
         preset = load_preset(given["preset"]) if "preset" in given else {}
+        if preset and not data:
+            raise SystemExit(f"--data: preset {given['preset']!r} reproduces an ImageFolder run; give the data's root")
         config = {**DEFAULTS, **({} if data else SYNTHETIC_DEFAULTS), **preset, **given}
         config.pop("preset", None)
     if config.get("saliency_cache"):
