@@ -26,6 +26,8 @@ from salmask.data._synthetic import SyntheticShapes
 from salmask.distributed import get_rank
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import (
+    BadImageError,
+    CheckpointError,
     ResumableSampler,
     SeededDataset,
     input_filter_of,
@@ -136,4 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (BadImageError, CheckpointError) as error:
+        # Bad input, named in the message: no traceback to dig through.
+        sys.exit(f"error: {error}")

@@ -50,6 +50,8 @@ from salmask.distributed import get_rank, get_world_size
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_scda
 from salmask.ssl import (
     STRATEGIES,
+    BadImageError,
+    CheckpointError,
     MaskedViews,
     MoCo,
     ResumableSampler,
@@ -583,4 +585,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (BadImageError, CheckpointError) as error:
+        # Bad input, named in the message: no traceback to dig through.
+        sys.exit(f"error: {error}")
