@@ -23,6 +23,7 @@ checkpoint; ``linear_eval.py`` and ``knn_eval.py`` read them from there.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ from salmask.ssl import (
 
 logger = logging.getLogger("pretrain_moco")
 PRESETS = Path(__file__).resolve().parent / "presets"
+DDP_OPTIONS = inspect.signature(DistributedDataParallel).parameters
 
 # MoCo v2 as the paper trains it (its section 4 and appendix).
 DEFAULTS: dict[str, Any] = {
@@ -404,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     channels_last = on_gpu if config["channels_last"] is None else config["channels_last"]
     if amp and not on_gpu:
         raise SystemExit("--amp needs a CUDA device")
+    if config["batch_norm"] == "sync" and world_size > 1 and not on_gpu:
+        raise SystemExit("--batch-norm sync: SyncBatchNorm needs CUDA; use shuffle on the CPU")
     # Each rank draws its own masks; items draw their augmentation from (seed, epoch, index).
     torch.manual_seed(config["seed"] + rank)
     np.random.seed(config["seed"] + rank)  # noqa: NPY002 (for third-party transforms)
@@ -443,16 +447,20 @@ def main(argv: list[str] | None = None) -> int:
     # Model: the query encoder, its momentum copy and the queue live in one module.
     masker = build_masker(config, device)
     config["input_filter"] = input_filter(masker)
-    encoder = build_encoder(config["arch"], small_images=config["small_images"])
-    model = MoCo(
-        encoder,
-        dim=config["moco_dim"],
-        queue_size=config["queue_size"],
-        momentum=config["moco_momentum"],
-        temperature=config["temperature"],
-        hard_negative_weight=config["hard_negative_weight"],
-        batch_norm=config["batch_norm"],
-    ).to(device)
+    # Every rank starts from the same weights and queue (DDP broadcasts parameters, not buffers such as the
+    # queue); the ranks' own seeds take over afterwards, for their masks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        encoder = build_encoder(config["arch"], small_images=config["small_images"])
+        model = MoCo(
+            encoder,
+            dim=config["moco_dim"],
+            queue_size=config["queue_size"],
+            momentum=config["moco_momentum"],
+            temperature=config["temperature"],
+            hard_negative_weight=config["hard_negative_weight"],
+            batch_norm=config["batch_norm"],
+        ).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -475,9 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         logger.info("resumed from %s at epoch %d, step %d", checkpoint["path"], start_epoch, start_step)
     if world_size > 1:
-        # The queue is the same on every rank (keys are gathered before enqueueing): no need to broadcast it.
+        # The queue is the same on every rank (keys are gathered before enqueueing): broadcasting it at every
+        # step would copy 32 MB for nothing. Newer torch names this option forward_sync_buffers.
+        sync_option = "forward_sync_buffers" if "forward_sync_buffers" in DDP_OPTIONS else "broadcast_buffers"
         ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if on_gpu else None, broadcast_buffers=config["batch_norm"] == "sync"
+            model, device_ids=[device.index] if on_gpu else None, **{sync_option: config["batch_norm"] == "sync"}
         )
     else:
         ddp_model = model

@@ -441,17 +441,23 @@ def main(argv: list[str] | None = None) -> int:
     # Model: one encoder and its projection head; under DDP every rank's views are negatives for all.
     masker = build_masker(config, device)
     config["input_filter"] = input_filter(masker)
-    encoder = build_encoder(config["arch"], small_images=config["small_images"])
-    model = SimCLR(
-        encoder,
-        dim=config["projection_dim"],
-        temperature=config["temperature"],
-        hard_negative_weight=config["hard_negative_weight"],
-        gather_distributed=world_size > 1,
-    )
-    if world_size > 1 and config["sync_batch_norm"]:
+    # Every rank starts from the same weights and queue (DDP broadcasts parameters, not buffers such as the
+    # queue); the ranks' own seeds take over afterwards, for their masks.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        encoder = build_encoder(config["arch"], small_images=config["small_images"])
+        model = SimCLR(
+            encoder,
+            dim=config["projection_dim"],
+            temperature=config["temperature"],
+            hard_negative_weight=config["hard_negative_weight"],
+            gather_distributed=world_size > 1,
+        )
+    if world_size > 1 and config["sync_batch_norm"] and on_gpu:
         # SimCLR's batch norm sees the global batch; the converted layers keep the state-dict names.
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world_size > 1 and config["sync_batch_norm"]:
+        logger.warning("SyncBatchNorm needs CUDA: on the CPU each rank normalises over its own batch")
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
