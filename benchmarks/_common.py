@@ -36,6 +36,35 @@ def time_call(function: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(samples)
 
 
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall times in ms of each call, ``repeats`` rounds, each round timing every call once.
+
+    The order rotates from round to round, so a machine that slows down during the run (another job
+    starting) affects every call alike; compare calls round by round (see :func:`median_ratio`).
+    """
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [0.0] * repeats for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            calls[name]()
+            synchronize(device)
+            samples[name][round_] = (time.perf_counter() - start) * 1e3
+    return samples
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the per-round ratio of two interleaved timings."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
 class OperatorCounter(TorchDispatchMode):
     """Counts the ATen operators dispatched inside the ``with`` block: one per kernel launch on a GPU."""
 

@@ -9,10 +9,10 @@ Setup (everything is a flag):
 
 - Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``--data``), the first ``--train-images``
   training images for pretraining and as the kNN memory bank, the 10 000 test images as queries. Images
-  are resized from 28 to 32 px and repeated to 3 channels.
+  keep their 28 px (with 4 px patches, the paper's 7 x 7 grid) and are repeated to 3 channels.
 - Saliency: SCDA with the offline ImageNet EfficientNet-Lite0 (``salmask.build_scda``), computed once per
   training image (the image upsampled to ``--scda-size`` 128 px, its 4 x 4 activation map resampled to
-  the 8 x 8 patch grid, threshold mean - 0.6 std) and cached; the cached map is cropped and flipped
+  the 7 x 7 patch grid, threshold mean - 0.6 std) and cached; the cached map is cropped and flipped
   together with each view, so every view's masks follow its own crop (the saliency-cache route).
   Fashion-MNIST has no saliency labels; as a check, the report gives the agreement of these maps with
   the garment's own silhouette (pixels above 5 % intensity).
@@ -20,10 +20,10 @@ Setup (everything is a flag):
   horizontal flip applied to image and saliency together, brightness and contrast jitter (p = 0.8).
 - Model: ``salmask.ssl.MoCo`` on a ResNet-18 with the standard stem (``build_encoder("resnet18")``; the
   small-image stem costs 15x more per step, beyond the CPU budget), queue 4096, momentum 0.99,
-  temperature 0.2, hard-negative weight 2, SGD lr 0.06 with cosine decay, batch 128.
-- Masking: ``salmask.ssl.MaskedViews`` with patches of 4 px (an 8 x 8 grid), masking ratio U(0.05, 0.25)
-  for every masked configuration; the release's filters scaled by 32/224 (high-pass kernel 3, sigma 0.71;
-  strong blur kernel 5, sigma 1.43). ``mscn`` is the high-pass recipe with uniform random patches and
+  temperature 0.2, hard-negative weight 2, SGD lr 0.06 with cosine decay, batch 128, 150 steps.
+- Masking: ``salmask.ssl.MaskedViews`` with patches of 4 px (a 7 x 7 grid), masking ratio U(0.05, 0.25)
+  for every masked configuration; the release's filters scaled by 28/224 (high-pass kernel 3, sigma 0.62;
+  strong blur kernel 5, sigma 1.25). ``mscn`` is the high-pass recipe with uniform random patches and
   no hard negatives; the saliency strategies add one hard negative per image.
 - Score: weighted kNN (k = 200, temperature 0.1, cosine) on the encoder's pooled features; models
   trained on high-pass views are evaluated on high-passed images, as they must be downstream.
@@ -63,10 +63,10 @@ CACHE = BENCHMARKS / ".cache"
 RUNS = RESULTS_DIR / "ablation_runs.jsonl"
 DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
 CONFIGS = ("none", "mscn", "high_pass", "blur", "mean")
-SIZE = 32
+SIZE = 28
 PATCH = 4
 FMNIST_MEAN, FMNIST_STD = 0.286, 0.353
-# The release's filters (high-pass kernel 11, sigma 5; strong blur kernel 31, sigma 10) scaled by 32 / 224.
+# The release's filters (high-pass kernel 11, sigma 5; strong blur kernel 31, sigma 10) scaled by 28 / 224.
 SCALE = SIZE / 224
 HIGH_PASS = {"kernel_size": 3, "sigma": 5.0 * SCALE}
 STRONG_BLUR = {"kernel_size": 5, "sigma": 10.0 * SCALE}
@@ -99,9 +99,11 @@ def load_fashion_mnist(root: Path) -> dict[str, torch.Tensor]:
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, 28, 28)`` -> float ``(N, 1, 32, 32)`` in [0, 1]."""
+    """uint8 ``(N, 28, 28)`` -> float ``(N, 1, SIZE, SIZE)`` in [0, 1]."""
     images = images[:, None].float() / 255.0
-    return F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+    if images.shape[-1] != SIZE:
+        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+    return images
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def scda_saliency(images: torch.Tensor, input_size: int, batch: int = 256) -> torch.Tensor:
-    """Bool ``(N, 8, 8)`` SCDA maps of the whole images (EfficientNet-Lite0 on an upsampling to ``input_size``)."""
+    """Bool ``(N, 7, 7)`` SCDA maps of the whole images (EfficientNet-Lite0 on an upsampling to ``input_size``)."""
     scda = build_scda("efficientnet_lite0", input_size=input_size, output_size=SIZE // PATCH)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -124,7 +126,7 @@ def scda_saliency(images: torch.Tensor, input_size: int, batch: int = 256) -> to
 
 def cached_saliency(images: torch.Tensor, input_size: int) -> torch.Tensor:
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"fashion_mnist_scda_lite0_{input_size}px_{len(images)}.pt"
+    path = CACHE / f"fashion_mnist_{SIZE}px_scda_lite0_{input_size}px_{len(images)}.pt"
     if path.is_file():
         return torch.load(path)
     start = time.perf_counter()
@@ -135,7 +137,7 @@ def cached_saliency(images: torch.Tensor, input_size: int) -> torch.Tensor:
 
 
 def saliency_agreement(maps: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
-    """SCDA cells against the silhouette on the same 8 x 8 grid (a cell is foreground if half its pixels are)."""
+    """SCDA cells against the silhouette on the same 7 x 7 grid (a cell is foreground if half its pixels are)."""
     silhouette = F.avg_pool2d((images > 0.05).float(), PATCH)[:, 0] >= 0.5
     union = (maps | silhouette).sum((1, 2)).clamp(min=1)
     iou = ((maps & silhouette).sum((1, 2)) / union).float()
@@ -345,7 +347,7 @@ def report(args: argparse.Namespace, extra: dict) -> None:
         a = extra["agreement"]
         sections.append(
             "Saliency check: SCDA (EfficientNet-Lite0, ImageNet) on the training images against the garment's "
-            f"silhouette on the 8 x 8 grid: mean IoU {a['iou']:.3f}, cells that agree {a['cells']:.3f}, "
+            f"silhouette on the 7 x 7 grid: mean IoU {a['iou']:.3f}, cells that agree {a['cells']:.3f}, "
             f"foreground fraction {a['gamma_scda']:.3f} (SCDA) vs {a['gamma_silhouette']:.3f} (silhouette)."
         )
     command = extra.get("command", args.command)
@@ -357,13 +359,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.06)
     parser.add_argument("--queue", type=int, default=4096)
     parser.add_argument("--train-images", type=int, default=10000)
     parser.add_argument(
-        "--scda-size", type=int, default=128, help="SCDA input size (its 4 x 4 map is resampled to 8 x 8)"
+        "--scda-size", type=int, default=128, help="SCDA input size (its 4 x 4 map is resampled to 7 x 7)"
     )
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None)
