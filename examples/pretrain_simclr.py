@@ -121,13 +121,13 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "small_images": True,
     "image_size": 32,
     "saliency": "truth",
-    "epochs": 4,
+    "epochs": 3,
     "warmup_epochs": 1,
     "batch_size": 64,
     "workers": 0,
-    "log_every": 10,
+    "log_every": 4,
     "knn_every": 0,
-    "synthetic_train_size": 1536,
+    "synthetic_train_size": 1024,
     "synthetic_val_size": 512,
 }
 
@@ -227,6 +227,9 @@ def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, An
         config.pop("preset", None)
     if config.get("saliency_cache"):
         config["saliency"] = "cache"
+    if "warmup_epochs" not in given and config["warmup_epochs"] >= config["epochs"]:
+        # A short run (--epochs 1) keeps the default warm-up from covering all of it.
+        config["warmup_epochs"] = config["epochs"] // 10
     check_config(config)
     return config, checkpoint
 

@@ -1,0 +1,515 @@
+"""The training examples and the package pieces they stand on: checkpoints, resumption, kNN, presets.
+
+Scripts run on tiny data (32 px synthetic shapes or a tiny ImageFolder, ResNet-18 with the small-image
+stem, batches of 8, a few steps). Most run in this process; torchrun, SIGTERM and the README command run
+as subprocesses with one thread each, so that two processes share two cores without oversubscription.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from salmask import HighPassFilter
+from salmask.ssl import (
+    BadImageError,
+    CheckpointError,
+    ResumableSampler,
+    SeededDataset,
+    StopSignal,
+    build_encoder,
+    encoder_state_dict,
+    extract_features,
+    get_rng_state,
+    input_filter_of,
+    knn_predict,
+    load_checkpoint,
+    pretrained_encoder,
+    save_checkpoint,
+    set_rng_state,
+    training_state,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TINY = ["--synthetic-train-size", "16", "--synthetic-val-size", "8", "--batch-size", "8", "--epochs", "1"]
+TINY += ["--warmup-epochs", "0"]
+MOCO_TINY = [*TINY, "--queue-size", "16"]
+KNN_LINE = re.compile(r"kNN top-1: (\d+\.\d+)%")
+
+_scripts: dict[str, object] = {}
+
+
+def script(name: str):
+    """Import examples/<name>.py as a module (once)."""
+    if name not in _scripts:
+        spec = importlib.util.spec_from_file_location(f"salmask_example_{name}", EXAMPLES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _scripts[name] = module
+    return _scripts[name]
+
+
+@pytest.fixture
+def run_main(capsys):
+    """Run a script's main() in this process; return (exit code, stdout, stderr with its log)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+
+    threads = torch.get_num_threads()
+
+    def run(name: str, argv: list[str]) -> tuple[int, str, str]:
+        # The scripts configure the root logger for their own process; give the test's back afterwards.
+        # One thread, as in the subprocesses: predictable on a shared machine.
+        torch.set_num_threads(1)
+        try:
+            code = script(name).main(argv)
+        finally:
+            root.handlers[:] = saved[0]
+            root.setLevel(saved[1])
+            torch.set_num_threads(threads)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def run_subprocess(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def moco_checkpoint(tmp_path_factory):
+    """A tiny high-pass MoCo pretraining run: (checkpoint path, kNN top-1 it printed)."""
+    output = tmp_path_factory.mktemp("moco")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    threads = torch.get_num_threads()
+    out = io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            code = script("pretrain_moco").main([*MOCO_TINY, "--output-dir", str(output)])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+    assert code == 0
+    match = KNN_LINE.search(out.getvalue())
+    assert match, out.getvalue()
+    return output / "checkpoint.pt", float(match.group(1))
+
+
+def make_image_folder(root: Path, broken: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 4)):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    if broken:
+        (root / "train" / "a" / "broken.png").write_bytes(b"this is not a PNG file")
+    return root
+
+
+# --- the example scripts ----------------------------------------------------------------------------
+
+
+def test_moco_checkpoint_holds_the_whole_training_state(moco_checkpoint):
+    path, knn = moco_checkpoint
+    checkpoint = load_checkpoint(path)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
+    assert 0.0 <= knn <= 100.0
+    config = checkpoint["config"]
+    assert config["method"] == "moco" and config["strategy"] == "high_pass" and config["saliency"] == "truth"
+    assert config["input_filter"] == {"name": "high_pass", "kernel_size": 11, "sigma": 5.0}
+    model = checkpoint["model"]
+    assert model["queue.queue"].shape == (128, 16)
+    assert any(key.startswith("momentum_encoder.") for key in model)
+    assert checkpoint["optimizer"]["state"], "SGD momentum buffers are part of the checkpoint"
+    assert checkpoint["scheduler"] is not None and len(checkpoint["rng"]) == 1
+    records = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(math.isfinite(record["loss"]) for record in records)
+    assert yaml.safe_load((path.parent / "config.yaml").read_text())["arch"] == "resnet18"
+
+
+def test_simclr_trains_with_lars(tmp_path, run_main):
+    code, out, err = run_main("pretrain_simclr", [*TINY, "--output-dir", str(tmp_path), "--strategy", "blur"])
+    assert code == 0, err
+    assert KNN_LINE.search(out), out
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["config"]["method"] == "simclr" and checkpoint["config"]["input_filter"] is None
+    assert all("trust_coeff" in group for group in checkpoint["optimizer"]["param_groups"]), "LARS from timm"
+    assert not any(key.startswith("momentum_encoder.") for key in checkpoint["model"])
+
+
+def test_moco_on_an_image_folder_skips_a_broken_image_and_names_it(tmp_path, run_main):
+    data = make_image_folder(tmp_path / "data", broken=True)
+    args = ["--data", str(data), "--image-size", "32", "--arch", "resnet18", "--small-images", "--batch-size", "8"]
+    args += ["--epochs", "1", "--warmup-epochs", "0", "--queue-size", "16", "--workers", "0"]
+    args += ["--scda-backbone", "efficientnet_lite0", "--output-dir", str(tmp_path / "out"), "--on-bad-image", "skip"]
+    code, out, err = run_main("pretrain_moco", args)
+    assert code == 0
+    assert f"cannot read image {data / 'train' / 'a' / 'broken.png'}" in err
+    assert "skipped" in err and KNN_LINE.search(out)
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["config"]["saliency"] == "scda"
+
+
+def test_a_broken_image_fails_fast_with_its_path_by_default(tmp_path, run_main):
+    data = make_image_folder(tmp_path / "data", broken=True)
+    args = ["--data", str(data), "--image-size", "32", "--arch", "resnet18", "--small-images", "--batch-size", "8"]
+    args += ["--epochs", "1", "--warmup-epochs", "0", "--strategy", "none", "--saliency", "none", "--workers", "0"]
+    with pytest.raises(BadImageError, match=re.escape(str(data / "train" / "a" / "broken.png"))):
+        run_main("pretrain_moco", [*args, "--output-dir", str(tmp_path / "out")])
+
+
+def test_flags_override_a_preset(tmp_path):
+    (tmp_path / "train").mkdir()
+    config, _ = script("pretrain_moco").resolve_config(
+        ["--preset", "in100_moco_blur", "--data", str(tmp_path), "--lr", "0.1"]
+    )
+    assert config["strategy"] == "blur" and config["arch"] == "resnet50" and config["queue_size"] == 65536
+    assert config["lr"] == 0.1
+    with pytest.raises(SystemExit, match="pretrain_simclr"):
+        script("pretrain_moco").resolve_config(["--preset", "in100_simclr_blur", "--data", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--warmup-epochs"):
+        script("pretrain_moco").resolve_config(["--epochs", "2", "--warmup-epochs", "2"])
+
+
+@pytest.mark.parametrize("method", ["moco", "simclr"])
+@pytest.mark.parametrize("strategy", ["high_pass", "blur", "mean", "mscn", "none"])
+def test_every_preset_of_the_paper_exists_with_its_expected_result(method, strategy):
+    path = EXAMPLES / "presets" / f"in100_{method}_{strategy}.yaml"
+    text = path.read_text()
+    preset = yaml.safe_load(text)
+    assert preset["method"] == method and preset["strategy"] == strategy and preset["epochs"] == 200
+    assert set(preset) <= set(script(f"pretrain_{method}").DEFAULTS)
+    expected = re.search(r"linear evaluation top-1 on ImageNet-100\): (\d+\.\d+)%", text)
+    assert expected, "the expected result is written in the preset"
+    assert 60.0 < float(expected.group(1)) < 80.0
+    if method == "moco":
+        assert (preset["batch_size"], preset["lr"], preset["queue_size"], preset["moco_momentum"]) == (
+            128,
+            0.015,
+            65536,
+            0.999,
+        )
+    else:
+        assert (preset["batch_size"], preset["lr"]) == (256, 0.3)
+
+
+def test_linear_eval_applies_the_high_pass_filter_of_a_high_pass_checkpoint(moco_checkpoint, tmp_path, run_main):
+    path, _ = moco_checkpoint
+    args = [str(path), "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path)]
+    code, out, err = run_main("linear_eval", args)
+    assert code == 0
+    assert "applying HighPassFilter(kernel_size=11, sigma=5.0) to every input" in err
+    assert "input filter: high-pass" in out and "linear top-1:" in out
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert resumed["config"]["recipe"] == "moco" and resumed["config"]["lr"] == 30.0
+    assert set(resumed["model"]) == {"weight", "bias"}, "only the linear layer trains"
+
+
+def test_linear_eval_leaves_inputs_of_other_strategies_alone(tmp_path, run_main):
+    code, _, err = run_main("pretrain_moco", [*MOCO_TINY, "--strategy", "mean", "--output-dir", str(tmp_path / "p")])
+    assert code == 0, err
+    args = [str(tmp_path / "p" / "checkpoint.pt"), "--epochs", "1", "--recipe", "simclr", "--batch-size", "8"]
+    code, out, err = run_main("linear_eval", [*args, "--output-dir", str(tmp_path / "l")])
+    assert code == 0
+    assert "HighPassFilter" not in err and "input filter: none" in out and "simclr recipe" in out
+
+
+def test_knn_eval_reproduces_the_monitor_of_pretraining(moco_checkpoint, run_main):
+    path, knn = moco_checkpoint
+    code, out, err = run_main("knn_eval", [str(path)])
+    assert code == 0
+    assert "applying HighPassFilter" in err
+    assert float(KNN_LINE.search(out).group(1)) == pytest.approx(knn, abs=1e-6)
+
+
+def test_resuming_a_corrupt_checkpoint_is_a_clear_error(tmp_path, run_main, moco_checkpoint):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"garbage\.pt cannot be read; it is corrupt"):
+        run_main("pretrain_moco", ["--resume", str(garbage)])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(moco_checkpoint[0].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_checkpoint(truncated)
+    result = run_subprocess([str(EXAMPLES / "knn_eval.py"), str(garbage)])
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: checkpoint") and "garbage.pt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}"]
+    args += [str(EXAMPLES / "pretrain_moco.py"), *MOCO_TINY, "--output-dir", str(tmp_path)]
+    result = run_subprocess(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 rank(s)" in result.stderr
+    assert len(KNN_LINE.findall(result.stdout)) == 1, "only rank 0 prints"
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert len(checkpoint["rng"]) == 2, "each rank's generators are saved"
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    # 16 images, a global batch of 8 split over 2 ranks: 2 steps, each enqueueing the 8 gathered keys.
+    assert int(checkpoint["model"]["queue.queue_ptr"]) == 0
+
+
+def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = [str(EXAMPLES / "pretrain_moco.py"), "--synthetic-train-size", "48", "--synthetic-val-size", "8"]
+    args += ["--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--queue-size", "16", "--log-every", "1"]
+    uninterrupted = run_subprocess([*args, "--output-dir", str(tmp_path / "a")])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+
+    interrupted_dir = tmp_path / "b"
+    process = subprocess.Popen(
+        [sys.executable, *args, "--output-dir", str(interrupted_dir)],
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    metrics = interrupted_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] >= 2 for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    stopped = load_checkpoint(interrupted_dir / "checkpoint.pt")
+    assert "stopped by signal" in stderr
+    assert stopped["epoch"] == 0 and 2 <= stopped["step"] < 6, "stopped mid-epoch"
+
+    resumed = run_subprocess([str(EXAMPLES / "pretrain_moco.py"), "--resume", str(interrupted_dir / "checkpoint.pt")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {interrupted_dir / 'checkpoint.pt'} at epoch 0, step {stopped['step']}" in resumed.stderr
+    expected = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    finished = load_checkpoint(interrupted_dir / "checkpoint.pt")
+    assert (finished["epoch"], finished["step"]) == (1, 0)
+    for key, value in expected["model"].items():
+        torch.testing.assert_close(finished["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert KNN_LINE.search(resumed.stdout).group(1) == KNN_LINE.search(uninterrupted.stdout).group(1)
+
+
+@pytest.mark.slow
+def test_readme_main_job_prints_a_knn_accuracy(tmp_path):
+    # The README's command with a smaller dataset and one epoch: the full default takes several minutes on
+    # two cores.
+    args = [str(EXAMPLES / "pretrain_moco.py"), "--epochs", "1", "--synthetic-train-size", "128"]
+    args += ["--synthetic-val-size", "64", "--output-dir", str(tmp_path)]
+    result = run_subprocess(args, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "img/s" in result.stderr, "tqdm reports throughput"
+    match = KNN_LINE.search(result.stdout)
+    assert match and 0.0 <= float(match.group(1)) <= 100.0
+    assert "64 validation images" in result.stdout
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+
+def test_save_checkpoint_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = save_checkpoint({"model": {"w": torch.zeros(2)}, "epoch": 1, "step": 0, "config": {}}, tmp_path / "c.pt")
+
+    def failing_save(obj, file):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {}, "epoch": 2, "step": 0, "config": {}}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"], "no temporary file is left behind"
+
+
+def test_load_checkpoint_rejects_other_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a salmask training checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    save_checkpoint({"model": {}, "epoch": 0, "config": {}}, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"lacks \['step'\]"):
+        load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_a_checkpoint_of_another_architecture_is_named_as_such(moco_checkpoint):
+    checkpoint = load_checkpoint(moco_checkpoint[0])
+    checkpoint["config"] = {**checkpoint["config"], "arch": "resnet34"}
+    with pytest.raises(CheckpointError, match=r"does not fit the model .*resnet34.*missing: layer1\.2"):
+        pretrained_encoder(checkpoint)
+    with pytest.raises(CheckpointError, match=r"holds no weights under 'encoder\.'"):
+        encoder_state_dict({"model": {"fc.weight": torch.zeros(1)}})
+
+
+def test_training_state_restores_rng_and_position(tmp_path):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    np.random.seed(3)  # noqa: NPY002
+    state = training_state(model=model, config={"arch": "x"}, epoch=2, step=5, optimizer=optimizer)
+    save_checkpoint(state, tmp_path / "c.pt")
+    expected = (torch.rand(3), np.random.rand(2))  # noqa: NPY002
+    fresh_model = nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.SGD(fresh_model.parameters(), lr=0.1, momentum=0.9)
+    from salmask.ssl import restore_training_state
+
+    position = restore_training_state(load_checkpoint(tmp_path / "c.pt"), model=fresh_model, optimizer=fresh_optimizer)
+    assert position == (2, 5)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])  # noqa: NPY002
+    assert torch.equal(fresh_model.weight, model.weight)
+    assert fresh_optimizer.state_dict()["state"][0]["momentum_buffer"] is not None
+
+
+def test_rng_state_survives_weights_only_loading(tmp_path):
+    import random
+
+    state = get_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    values = (torch.rand(1).item(), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (torch.rand(1).item(), random.random()) == values
+
+
+def test_stop_signal_turns_sigterm_into_a_request_and_restores_the_handler():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignal() as stop:
+        assert not stop.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.should_stop()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# --- data for exact resumption ----------------------------------------------------------------------
+
+
+def test_resumable_sampler_continues_the_epoch_order():
+    sampler = ResumableSampler(range(10), seed=4, num_replicas=2, rank=1)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.set_epoch(3, start=2)
+    assert list(sampler) == full[2:] and len(sampler) == 3
+    sampler.set_epoch(4)
+    assert list(sampler) != full
+    with pytest.raises(ValueError, match="start"):
+        sampler.set_epoch(0, start=6)
+
+
+class _RandomItems(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.rand(3)
+
+
+def test_seeded_items_do_not_depend_on_workers_or_on_earlier_draws():
+    dataset = SeededDataset(_RandomItems(), seed=1)
+    dataset.set_epoch(2)
+    in_process = torch.cat(list(DataLoader(dataset, batch_size=4)))
+    torch.rand(100)  # the caller's generator moves on; the items must not
+    in_workers = torch.cat(list(DataLoader(dataset, batch_size=4, num_workers=2)))
+    assert torch.equal(in_process, in_workers)
+    dataset.set_epoch(3)
+    assert not torch.equal(dataset[0], in_process[0])
+
+
+class _Unreadable(Dataset):
+    samples = (("/data/a.jpg", 0), ("/data/b.jpg", 0), ("/data/c.jpg", 1))
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise OSError("image file is truncated")
+        return index
+
+
+def test_seeded_dataset_names_an_unreadable_image(caplog):
+    with pytest.raises(BadImageError, match=r"/data/b\.jpg: OSError: image file is truncated"):
+        SeededDataset(_Unreadable())[1]
+    with caplog.at_level(logging.WARNING):
+        assert SeededDataset(_Unreadable(), on_bad_image="skip")[1] == 2
+    assert "/data/b.jpg" in caplog.text
+    with pytest.raises(ValueError, match="on_bad_image"):
+        SeededDataset(_Unreadable(), on_bad_image="ignore")
+
+
+# --- kNN ----------------------------------------------------------------------------------------------
+
+
+def test_knn_predict_matches_a_direct_computation():
+    generator = torch.Generator().manual_seed(0)
+    bank = nn.functional.normalize(torch.randn(50, 8, generator=generator), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=generator)
+    queries = nn.functional.normalize(torch.randn(7, 8, generator=generator), dim=1)
+    scores = knn_predict(queries, bank, labels, 4, k=10, temperature=0.1, chunk_size=3)
+    for row, query in enumerate(queries):
+        similarity = bank @ query
+        nearest = similarity.argsort(descending=True)[:10]
+        expected = torch.zeros(4)
+        for index in nearest:
+            expected[labels[index]] += torch.exp(similarity[index] / 0.1)
+        torch.testing.assert_close(scores[row], expected)
+    torch.testing.assert_close(knn_predict(queries, bank, labels, 4, k=10, chunk_size=1000), scores)
+
+
+def test_extract_features_is_unit_norm_in_eval_mode_and_restores_training_mode():
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6))
+    encoder.train()
+    loader = DataLoader(TensorDataset(torch.randn(10, 3, 2, 2), torch.arange(10)), batch_size=4)
+    before = encoder[2].running_mean.clone()
+    features, labels = extract_features(encoder, loader, transform=HighPassFilter(3, 1.0))
+    assert encoder.training and torch.equal(encoder[2].running_mean, before), "BN statistics untouched"
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(10))
+    assert labels.tolist() == list(range(10))
+
+
+def test_input_filter_of_reads_the_recorded_filter():
+    assert input_filter_of({"input_filter": {"name": "high_pass", "kernel_size": 7, "sigma": 2.0}}).kernel_size == 7
+    assert input_filter_of({"input_filter": None, "strategy": "high_pass"}) is None
+    assert isinstance(input_filter_of({"strategy": "mscn"}), HighPassFilter)
+    assert input_filter_of({"strategy": "blur"}) is None
+
+
+def test_pretrained_encoder_loads_the_query_encoder(moco_checkpoint):
+    checkpoint = load_checkpoint(moco_checkpoint[0])
+    encoder = pretrained_encoder(checkpoint)
+    reference = build_encoder("resnet18", small_images=True)
+    assert encoder.conv1.kernel_size == reference.conv1.kernel_size == (3, 3)
+    torch.testing.assert_close(encoder.conv1.weight, checkpoint["model"]["encoder.conv1.weight"])
