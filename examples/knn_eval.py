@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from salmask.data._synthetic import SyntheticShapes
+from salmask.data import SyntheticShapes
 from salmask.distributed import get_rank
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import (

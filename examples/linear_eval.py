@@ -36,7 +36,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from salmask.data._synthetic import SyntheticShapes
+from salmask.data import SyntheticShapes
 from salmask.distributed import get_rank, get_world_size
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import (

@@ -45,8 +45,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from salmask import HighPassFilter
-from salmask.data import SaliencyImageFolder
-from salmask.data._synthetic import SyntheticShapes
+from salmask.data import SaliencyImageFolder, SyntheticShapes
 from salmask.distributed import get_rank, get_world_size
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_scda
 from salmask.ssl import (
