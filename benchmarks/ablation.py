@@ -20,7 +20,9 @@ Setup (everything is a flag):
   horizontal flip applied to image and saliency together, brightness and contrast jitter (p = 0.8).
 - Model: ``salmask.ssl.MoCo`` on a ResNet-18 with the standard stem (``build_encoder("resnet18")``; the
   small-image stem costs 15x more per step, beyond the CPU budget), queue 4096, momentum 0.99,
-  temperature 0.2, hard-negative weight 2, SGD lr 0.06 with cosine decay, batch 128, 150 steps.
+  temperature 0.2, hard-negative weight 2, SGD lr 0.06 with cosine decay, batch 128, 100 steps (the
+  CPU budget; ``--steps`` for more). The seeds train in parallel processes of one thread each
+  (``--jobs``), which uses small CPUs better than one process with several threads.
 - Masking: ``salmask.ssl.MaskedViews`` with patches of 4 px (a 7 x 7 grid), masking ratio U(0.05, 0.25)
   for every masked configuration; the release's filters scaled by 28/224 (high-pass kernel 3, sigma 0.62;
   strong blur kernel 5, sigma 1.25). ``mscn`` is the high-pass recipe with uniform random patches and
@@ -40,6 +42,7 @@ import gzip
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,6 +64,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 CHECKPOINTS = BENCHMARKS / ".checkpoints" / "ablation"
 CACHE = BENCHMARKS / ".cache"
 RUNS = RESULTS_DIR / "ablation_runs.jsonl"
+EXTRA = RESULTS_DIR / "ablation_extra.json"
 DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
 CONFIGS = ("none", "mscn", "high_pass", "blur", "mean")
 SIZE = 28
@@ -297,18 +301,25 @@ def references(data: dict, seeds: list[int]) -> list[list[object]]:
 
 
 def load_runs() -> list[dict]:
+    """The finished runs, the last record of each (configuration, seed)."""
     if not RUNS.is_file():
         return []
-    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    runs = {}
+    for line in RUNS.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            runs[record["config"], record["seed"]] = record
+    return sorted(runs.values(), key=lambda r: (CONFIGS.index(r["config"]), r["seed"]))
 
 
 def save_run(result: dict) -> None:
-    runs = [r for r in load_runs() if (r["config"], r["seed"]) != (result["config"], result["seed"])]
     RUNS.parent.mkdir(parents=True, exist_ok=True)
-    RUNS.write_text("".join(json.dumps(r) + "\n" for r in [*runs, result]))
+    with RUNS.open("a") as handle:  # one short append per run: safe with parallel seed processes
+        handle.write(json.dumps(result) + "\n")
 
 
-def report(args: argparse.Namespace, extra: dict) -> None:
+def report(args: argparse.Namespace) -> None:
+    extra = json.loads(EXTRA.read_text()) if EXTRA.is_file() else {}
     runs = load_runs()
     rows = []
     for config in CONFIGS:
@@ -352,6 +363,7 @@ def report(args: argparse.Namespace, extra: dict) -> None:
         )
     command = extra.get("command", args.command)
     write_report("ablation", "Ablation on real data", command, torch.device("cpu"), sections)
+    print(f"wrote {RESULTS_DIR / 'ablation.md'}", flush=True)
 
 
 def main() -> None:
@@ -359,7 +371,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.06)
     parser.add_argument("--queue", type=int, default=4096)
@@ -368,17 +380,19 @@ def main() -> None:
         "--scda-size", type=int, default=128, help="SCDA input size (its 4 x 4 map is resampled to 7 x 7)"
     )
     parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 per seed process)")
+    parser.add_argument("--jobs", type=int, default=3, help="seeds trained in parallel, one process of one thread each")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--report-only", action="store_true", help="rebuild results/ablation.md from the runs file")
     args = parser.parse_args()
     args.command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
     args.command = args.command.strip()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    extra_path = RESULTS_DIR / "ablation_extra.json"
     if args.report_only:
-        report(args, json.loads(extra_path.read_text()) if extra_path.is_file() else {})
+        report(args)
         return
+    parallel = args.jobs > 1 and len(args.seeds) > 1 and not args.worker
+    if args.threads or parallel or args.worker:
+        torch.set_num_threads(args.threads or 1)
 
     def log(message: str) -> None:
         print(message, flush=True)
@@ -394,20 +408,41 @@ def main() -> None:
     }
     maps = cached_saliency(train, args.scda_size)
     data["saliency"] = F.interpolate(maps[:, None].float(), size=(SIZE, SIZE), mode="nearest")
-    extra = {
-        "agreement": saliency_agreement(maps, train),
-        "references": references(data, args.seeds),
-        "command": args.command,
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    extra_path.write_text(json.dumps(extra, indent=1))
-    log(f"saliency agreement {extra['agreement']}; references {extra['references']}")
+    if not args.worker:
+        extra = {
+            "agreement": saliency_agreement(maps, train),
+            "references": references(data, args.seeds),
+            "command": args.command,
+        }
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        EXTRA.write_text(json.dumps(extra, indent=1))
+        log(f"saliency agreement {extra['agreement']}; references {extra['references']}")
+    if parallel:
+        run_seed_processes(args)
+        report(args)
+        return
     for seed in args.seeds:  # seed-major: a partial run still compares every configuration
         for config in args.configs:
             result = train_one(config, seed, data, args, log)
             save_run(result)
             log(f"{config} seed {seed}: kNN top-1 {result['knn_top1']:.2f} ({result['train_seconds']:.0f} s)")
-            report(args, extra)
+            report(args)
+
+
+def run_seed_processes(args: argparse.Namespace) -> None:
+    """Train the seeds in ``args.jobs`` parallel processes of one torch thread each (same flags otherwise)."""
+    common = ["--data", str(args.data), "--configs", *args.configs, "--steps", str(args.steps)]
+    common += ["--batch", str(args.batch), "--lr", str(args.lr), "--queue", str(args.queue)]
+    common += ["--train-images", str(args.train_images), "--scda-size", str(args.scda_size)]
+    common += ["--log-every", str(args.log_every), "--threads", str(args.threads or 1), "--worker"]
+    pending = list(args.seeds)
+    running: list[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            running.append(subprocess.Popen([sys.executable, __file__, *common, "--seeds", str(seed)]))
+        running[0].wait()
+        running = [process for process in running if process.poll() is None]
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ SECTIONS = [
     ("saliency_cost", "saliency_cost.py", [], ["--batch", "8", "--repeats", "1", "--crops", "5"]),
     ("moco_step", "moco_step.py", [], ["--archs", "resnet18", "--batch", "8", "--repeats", "2"]),
     ("ablation", None, [], []),
-    ("variance", "variance.py", [], ["--images", "30", "--views", "8"]),
+    ("variance", "variance.py", [], ["--photo-images", "12", "--images", "50", "--views", "8"]),
 ]
 
 HEADER = """# salmask benchmarks: results

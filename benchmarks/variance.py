@@ -2,7 +2,7 @@
 made by the standard augmentations alone.
 
     python benchmarks/variance.py                          # both encoders below, writes results/variance.md
-    python benchmarks/variance.py --encoders lite0 --views 8 --images 50     # quick
+    python benchmarks/variance.py --photo-images 12 --images 50 --views 8     # quick
 
 Variance as the paper's reference [35] (Wang et al., "On the importance of asymmetry for Siamese
 representation learning", CVPR 2022) measures it: the variance of an image's encoding over the
@@ -109,7 +109,7 @@ def photos_setting(args: argparse.Namespace) -> tuple[str, dict]:
         ]
     )
     images = [v2.functional.pil_to_tensor(photo(name)) for name in PHOTOS]
-    images = (images * (args.images // len(images) + 1))[: max(args.images, 1)]
+    images = (images * (args.photo_images // len(images) + 1))[: max(args.photo_images, 1)]
     torch.manual_seed(args.seed)
 
     def make_views(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +188,8 @@ def table(note: str, results: dict[str, dict[str, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoders", nargs="+", default=["lite0", "ablation"], choices=["lite0", "ablation"])
-    parser.add_argument("--images", type=int, default=200, help="images (photos are cycled with fresh views)")
+    parser.add_argument("--images", type=int, default=500, help="Fashion-MNIST test images (ablation encoder)")
+    parser.add_argument("--photo-images", type=int, default=48, help="photos, cycled with fresh views (lite0)")
     parser.add_argument("--views", type=int, default=16, help="augmented views per image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=ablation.DEFAULT_DATA)
