@@ -120,7 +120,7 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "small_images": True,
     "image_size": 32,
     "saliency": "truth",
-    "epochs": 3,
+    "epochs": 2,
     "warmup_epochs": 1,
     "batch_size": 64,
     "workers": 0,
@@ -240,6 +240,9 @@ def check_config(config: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "image_size", "projection_dim"):
         if config[key] < 1:
             fail(key.replace("_", "-"), f"must be at least 1, got {config[key]}")
+    for key in ("workers", "knn_every", "log_every"):
+        if config[key] < (1 if key == "log_every" else 0):
+            fail(key.replace("_", "-"), f"must be at least {1 if key == 'log_every' else 0}, got {config[key]}")
     if not 0 <= config["warmup_epochs"] < config["epochs"]:
         fail("warmup-epochs", f"must be in [0, epochs={config['epochs']}), got {config['warmup_epochs']}")
     if config["batch_size"] % get_world_size():
@@ -479,8 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     start_epoch, start_step = 0, 0
     if checkpoint is not None:
+        # The schedule is a function of the step; a run resumed with other --epochs gets a schedule for them.
+        same_schedule = all(checkpoint["config"][key] == config[key] for key in ("epochs", "warmup_epochs"))
+        if not same_schedule:
+            logger.warning("the learning-rate schedule is recomputed for %d epochs", config["epochs"])
         start_epoch, start_step = restore_training_state(
-            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler if same_schedule else None, scaler=scaler
         )
         logger.info("resumed from %s at epoch %d, step %d", checkpoint["path"], start_epoch, start_step)
     if world_size > 1:

@@ -188,6 +188,28 @@ def test_a_broken_image_fails_fast_with_its_path_by_default(tmp_path, run_main):
         run_main("pretrain_moco", [*args, "--output-dir", str(tmp_path / "out")])
 
 
+def test_a_finished_run_resumed_with_more_epochs_trains_them(moco_checkpoint, tmp_path, run_main):
+    path, _ = moco_checkpoint
+    code, out, err = run_main("pretrain_moco", ["--resume", str(path), "--epochs", "2", "--output-dir", str(tmp_path)])
+    assert code == 0
+    assert "resumed from" in err and "at epoch 1, step 0" in err
+    assert "schedule is recomputed for 2 epochs" in err
+    extended = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert extended["epoch"] == 2 and extended["config"]["epochs"] == 2
+    assert extended["config"]["strategy"] == "high_pass", "the other settings come from the checkpoint"
+    assert KNN_LINE.search(out)
+
+
+@pytest.mark.cuda
+def test_moco_with_amp_and_channels_last_on_cuda(tmp_path, run_main):
+    code, out, err = run_main("pretrain_moco", [*MOCO_TINY, "--device", "cuda", "--output-dir", str(tmp_path)])
+    assert code == 0, err
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["scaler"], "AMP is on by default on CUDA and its scaler is saved"
+    assert checkpoint["rng"][0]["cuda"], "CUDA generators are saved"
+    assert KNN_LINE.search(out)
+
+
 def test_flags_override_a_preset(tmp_path):
     (tmp_path / "train").mkdir()
     config, _ = script("pretrain_moco").resolve_config(
