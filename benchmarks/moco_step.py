@@ -8,8 +8,8 @@ A step is what a training loop runs per batch of ``--batch`` query and key views
 ``MaskedViews`` (saliency, masks, fills), ``salmask.ssl.MoCo`` (momentum update, query forward and
 backward, key forward, hard negatives through the key encoder, queue of 65 536), ``optimizer.step()``
 (SGD). The paper's per-device batch is 32 (128 over 4 GPUs). Variants, timed in one run with the
-repeats interleaved (variant order rotates each round) and reported as medians; the ``MaskedViews`` call
-of each variant is also timed alone in the same rounds:
+repeats interleaved: in each round every variant's step runs back to back with a baseline step and with
+its ``MaskedViews`` call alone, and ratios are taken within these triples (medians over rounds):
 
 - ``none``: MoCo v2, no masking;
 - ``masking``: each fill's query masks with saliency given on the 7 x 7 grid, no hard negatives (the
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, median_ratio, time_interleaved, write_report
+from _common import markdown_table, median_ratio, synchronize, write_report
 from saliency_cost import cache_step
 
 from salmask import Saliency
@@ -59,7 +59,7 @@ def variants(batch: int, size: int, device: torch.device) -> dict[str, tuple[Mas
     out["masking (high_pass) + cache"] = (MaskedViews("high_pass", hard_negatives=False), full)
     out["masking (high_pass) + hard negatives"] = (MaskedViews("high_pass"), grid)
     out["masking (high_pass) + hard negatives + cache"] = (MaskedViews("high_pass"), full)
-    out["masking (high_pass) + hard negatives + online SCDA ResNet-50 224 px"] = (
+    out[f"masking (high_pass) + hard negatives + online SCDA ResNet-50 {size} px"] = (
         MaskedViews("high_pass", scda=SCDA(build_backbone("resnet50", weights=None)).to(device)),
         None,
     )
@@ -89,23 +89,40 @@ def make_views(masker: MaskedViews, saliency, query, key) -> Callable[[], Masked
     return lambda: masker(query, key, saliency, saliency)
 
 
-def measure(arch: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict, float]:
-    """Per variant: step times and times of its ``MaskedViews`` call alone, both ``repeats`` interleaved rounds."""
+def measure(arch: str, args: argparse.Namespace, device: torch.device) -> tuple[dict, dict, dict, float]:
+    """Per variant, ``repeats`` rounds of: a MoCo v2 step without masking, the variant's step and its
+    ``MaskedViews`` call alone, back to back (the order alternates between rounds and the variants rotate),
+    so that each variant is compared with the baseline step timed next to it."""
     torch.manual_seed(0)
     model = MoCo(build_encoder(arch), queue_size=args.queue).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.9, weight_decay=1e-4)
     query = torch.randn(args.batch, 3, args.size, args.size, device=device)
     key = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    calls = {}
+    steps, views = {}, {}
     for name, (masker, saliency) in variants(args.batch, args.size, device).items():
-        calls[name] = make_step(model, optimizer, masker, saliency, query, key)
-        if name != BASELINE:
-            calls[VIEWS + name] = make_views(masker, saliency, query, key)
-    samples = time_interleaved(calls, device, args.repeats)
-    steps = {name: values for name, values in samples.items() if not name.startswith(VIEWS)}
-    views = {name[len(VIEWS) :]: values for name, values in samples.items() if name.startswith(VIEWS)}
+        steps[name] = make_step(model, optimizer, masker, saliency, query, key)
+        views[name] = make_views(masker, saliency, query, key)
+    baseline = steps.pop(BASELINE)
+    views.pop(BASELINE)
+    for call in [baseline, *steps.values(), *views.values()]:  # warm-up
+        call()
+    step_ms = {name: [] for name in steps}
+    paired_ms = {name: [] for name in steps}
+    views_ms = {name: [] for name in steps}
+    names = list(steps)
+    for round_ in range(args.repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            order = [("base", baseline), ("step", steps[name]), ("views", views[name])]
+            for kind, call in order if round_ % 2 == 0 else order[::-1]:
+                synchronize(device)
+                start = time.perf_counter()
+                call()
+                synchronize(device)
+                elapsed = (time.perf_counter() - start) * 1e3
+                {"base": paired_ms, "step": step_ms, "views": views_ms}[kind][name].append(elapsed)
     loader_ms = _median_ms(cache_step(args.batch), args.repeats)
-    return steps, views, loader_ms
+    return step_ms, paired_ms, views_ms, loader_ms
 
 
 def _median_ms(call: Callable[[], object], repeats: int) -> float:
@@ -131,15 +148,13 @@ def target(name: str, added: float, share: float | None) -> str:
     return f"{'met' if share is not None and share < 0.05 else 'missed'} (share < 5 %)"
 
 
-def section(arch: str, steps: dict, views: dict, loader_ms: float, args: argparse.Namespace) -> str:
-    base = statistics.median(steps[BASELINE])
-    rows = []
+def section(arch: str, steps: dict, paired: dict, views: dict, loader_ms: float, args: argparse.Namespace) -> str:
+    base = statistics.median(value for values in paired.values() for value in values)
+    rows = [[BASELINE, f"{base:.0f}", "-", "-", "-", "-"]]
     for name, values in steps.items():
-        added = median_ratio(values, steps[BASELINE]) - 1.0
-        masking, share = "-", None
-        if name in views:
-            share = median_ratio(views[name], steps[BASELINE])
-            masking = f"{statistics.median(views[name]):.0f} ({share:.1%})"
+        added = median_ratio(values, paired[name]) - 1.0
+        share = median_ratio(views[name], paired[name])
+        masking = f"{statistics.median(views[name]):.0f} ({share:.1%})"
         loader = f"{loader_ms:.0f} ({loader_ms / base:.1%})" if name.endswith("+ cache") else "-"
         rows.append(
             [name, f"{statistics.median(values):.0f}", f"{added:+.1%}", masking, target(name, added, share), loader]
@@ -173,16 +188,17 @@ def main() -> None:
     device = torch.device(args.device)
     sections = [
         "## 5. End to end: one MoCo v2 step\n\n"
-        "`added` is the median over rounds of the step's time over MoCo v2's in the same round, minus one; the "
-        "`MaskedViews` call alone (saliency, masks, fills, filters) is timed in the same rounds and is the "
-        "masking's share of a step without the noise of a difference of two step times. The paper reports "
+        "Each variant's step is timed back to back with a MoCo v2 step without masking and with its "
+        "`MaskedViews` call alone (saliency, masks, fills, filters), in rounds; `added` is the median of "
+        "the per-round ratio to that baseline step, minus one, and the `MaskedViews` share is the direct "
+        "measure of the masking's cost (a difference of two step times carries the noise of both). The paper reports "
         "+64 % per epoch for its high-pass recipe with online SCDA (9 vs 5.5 min on 4 GPUs) and +36 % for "
         "mean filling. The cache row's loader work runs in DataLoader workers, in parallel with the step; "
         "it is hidden as long as the workers keep up."
     ]
     for arch in args.archs:
-        steps, views, loader_ms = measure(arch, args, device)
-        sections.append(section(arch, steps, views, loader_ms, args))
+        steps, paired, views, loader_ms = measure(arch, args, device)
+        sections.append(section(arch, steps, paired, views, loader_ms, args))
         print(sections[-1], flush=True)
     if not args.no_write:
         command = ("python benchmarks/moco_step.py " + " ".join(sys.argv[1:])).strip()

@@ -165,7 +165,8 @@ def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
     note = (
         f"MoCo v2 ResNet-18 trained without masking by `benchmarks/ablation.py` (seed {args.seed}), "
         f"{len(test)} Fashion-MNIST test images x {args.views} views of {ablation.SIZE} px (the ablation's "
-        "augmentations and scaled filters), cached SCDA saliency cropped with each view."
+        "augmentations and scaled filters), SCDA saliency of each test image (as the ablation computes it) cropped "
+        "with each view."
     )
     return note, results
 
