@@ -420,8 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(config["output_dir"])
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
-    logger.info("settings: %s", json.dumps(config, sort_keys=True))
 
     # Data: a sampler that can start an epoch part-way, items whose augmentation a resume repeats exactly.
     train_set, bank_set, query_set, num_classes = build_datasets(config)
@@ -452,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     # Model: the query encoder, its momentum copy and the queue live in one module.
     masker = build_masker(config, device)
     config["input_filter"] = input_filter(masker)
+    logger.info("settings: %s", json.dumps(config, sort_keys=True))
+    if rank == 0:
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
     # Every rank starts from the same weights and queue (DDP broadcasts parameters, not buffers such as the
     # queue); the ranks' own seeds take over afterwards, for their masks.
     with torch.random.fork_rng(devices=[]):
