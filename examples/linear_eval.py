@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
                     progress.close()
                     save(epoch, step, {"loss": loss_value})
                     logger.info("stopped by signal at epoch %d, step %d; checkpoint written", epoch, step)
+                    if metrics_file is not None:
+                        metrics_file.close()
+                    if dist.is_initialized():
+                        dist.destroy_process_group()
                     return 0
             progress.close()
             top1, top5 = evaluate(model, test_loader, device)

@@ -570,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
                     save(epoch, step, {"loss": loss})
                     logger.info("stopped by signal at epoch %d, step %d; checkpoint written", epoch, step)
                     metrics.close()
+                    if dist.is_initialized():
+                        dist.destroy_process_group()
                     return 0
             progress.close()
 

@@ -255,6 +255,10 @@ def test_linear_eval_applies_the_high_pass_filter_of_a_high_pass_checkpoint(moco
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed["config"]["recipe"] == "moco" and resumed["config"]["lr"] == 30.0
     assert set(resumed["model"]) == {"weight", "bias"}, "only the linear layer trains"
+    code, out, err = run_main("linear_eval", ["--resume", str(tmp_path / "checkpoint.pt"), "--epochs", "2"])
+    assert code == 0
+    assert "at epoch 1, step 0" in err and "applying HighPassFilter" in err and "2 epochs" in out
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
 
 
 def test_linear_eval_leaves_inputs_of_other_strategies_alone(tmp_path, run_main):
