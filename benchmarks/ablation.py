@@ -345,8 +345,9 @@ def report(args: argparse.Namespace) -> None:
         f"MoCo v2, ResNet-18 (standard stem) at {SIZE} px, {setup.get('steps', '?')} steps of batch "
         f"{setup.get('batch', '?')} on the first {setup.get('train_images', '?')} training images (the kNN "
         "memory bank), 10 000 test images as queries; weighted kNN k = 200, t = 0.1. Mean and sample "
-        "standard deviation over seeds; same seeds and budget for every configuration. See the docstring "
-        "of `benchmarks/ablation.py` for the full setup.\n\n"
+        "standard deviation over seeds; same seeds and budget for every configuration; `train s / run` is "
+        "wall time with the seeds trained in parallel processes of one thread each. See the docstring of "
+        "`benchmarks/ablation.py` for the full setup.\n\n"
         + markdown_table(["configuration", "kNN top-1", "std", "per seed", "seeds", "train s / run"], rows)
     ]
     if extra.get("references"):

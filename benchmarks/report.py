@@ -7,7 +7,7 @@
 ``--run`` does not start the ablation (about 45 min of CPU): run ``python benchmarks/ablation.py`` on its
 own; its section is picked up once written. The variance benchmark needs the ablation's baseline encoder
 for its second table. Each section keeps the command and the machine that produced it; ``notes.md``
-(written by hand, dated) explains the numbers of the run it names and is appended last.
+(written by hand, dated) explains the numbers of the run it names and comes first.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def run(quick: bool) -> None:
 
 def assemble() -> Path:
     parts = [HEADER.format(date=datetime.date.today().isoformat())]
+    notes = BENCHMARKS / "notes.md"
+    if notes.is_file():
+        parts.append("\n".join("#" + line if line.startswith("#") else line for line in notes.read_text().splitlines()))
     for name, script, _, _ in SECTIONS:
         path = RESULTS / f"{name}.md"
         if path.is_file():
@@ -60,9 +63,6 @@ def assemble() -> Path:
         else:
             how = f"python benchmarks/{script or 'ablation.py'}"
             parts.append(f"## {name}\n\nNot run yet: `{how}`.")
-    notes = BENCHMARKS / "notes.md"
-    if notes.is_file():
-        parts.append("\n".join("#" + line if line.startswith("#") else line for line in notes.read_text().splitlines()))
     out = BENCHMARKS / "RESULTS.md"
     out.write_text("\n\n".join(parts).rstrip() + "\n")
     return out

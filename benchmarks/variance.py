@@ -17,9 +17,10 @@ Encoders:
 
 - ``lite0``: the ImageNet-pretrained EfficientNet-Lite0 (offline weights), pooled 1280-d features, on the
   scikit-image photos at 224 px with MoCo v2's augmentations; saliency from SCDA on the same network.
-- ``ablation``: the MoCo v2 ResNet-18 trained without masking by ``benchmarks/ablation.py`` (seed 0), its
-  128-d embedding (the space of the contrastive loss, as in the paper's MoCo setting) and its 512-d
-  features, on Fashion-MNIST test images with the ablation's augmentations and filters.
+- ``ablation``: the MoCo v2 ResNet-18 trained by ``benchmarks/ablation.py`` (``--ablation-config``,
+  default ``none``: without masking; seed 0), its 128-d embedding (the space of the contrastive loss, as
+  in the paper's MoCo setting) and its 512-d features, on Fashion-MNIST test images with the ablation's
+  augmentations and filters.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def photos_setting(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
-    path = ablation.CHECKPOINTS / f"none_seed{args.seed}.pt"
+    path = ablation.CHECKPOINTS / f"{args.ablation_config}_seed{args.seed}.pt"
     if not path.is_file():
         print(f"ablation encoder skipped: {path} not found (run benchmarks/ablation.py first)")
         return None
@@ -163,7 +164,8 @@ def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
         variants(ablation.HIGH_PASS, ablation.STRONG_BLUR, ablation.PATCH, args.seed),
     )
     note = (
-        f"MoCo v2 ResNet-18 trained without masking by `benchmarks/ablation.py` (seed {args.seed}), "
+        f"MoCo v2 ResNet-18 trained by `benchmarks/ablation.py` with configuration `{args.ablation_config}` "
+        f"(seed {args.seed}), "
         f"{len(test)} Fashion-MNIST test images x {args.views} views of {ablation.SIZE} px (the ablation's "
         "augmentations and scaled filters), SCDA saliency of each test image (as the ablation computes it) cropped "
         "with each view."
@@ -193,6 +195,9 @@ def main() -> None:
     parser.add_argument("--photo-images", type=int, default=48, help="photos, cycled with fresh views (lite0)")
     parser.add_argument("--views", type=int, default=16, help="augmented views per image")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ablation-config", default="none", choices=ablation.CONFIGS, help="which ablation encoder to measure"
+    )
     parser.add_argument("--data", type=Path, default=ablation.DEFAULT_DATA)
     parser.add_argument("--no-write", action="store_true", help="print only; do not write results/variance.md")
     args = parser.parse_args()
