@@ -1,7 +1,7 @@
 """Assemble ``benchmarks/RESULTS.md`` from the section files the benchmark scripts write under ``results/``.
 
     python benchmarks/report.py                  # assemble from the existing section files
-    python benchmarks/report.py --run            # run every timing benchmark first (about 40 min on 2 cores)
+    python benchmarks/report.py --run            # run every timing benchmark first (about 1.5 h on 2 cores)
     python benchmarks/report.py --run --quick    # small batches and few repeats (a few minutes)
 
 ``--run`` does not start the ablation (about 45 min of CPU): run ``python benchmarks/ablation.py`` on its
