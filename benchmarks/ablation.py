@@ -389,6 +389,7 @@ def main() -> None:
     args.command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
     args.command = args.command.strip()
     if args.report_only:
+        torch.set_num_threads(args.threads or 1)  # the machine line names the threads the runs used by default
         report(args)
         return
     parallel = args.jobs > 1 and len(args.seeds) > 1 and not args.worker
