@@ -4,10 +4,11 @@ The public names are re-exported here; the kernels under the transforms are in
 :mod:`salmask.functional`.
 """
 
-from salmask import data, distributed, functional, saliency
-from salmask.data import SaliencyDataset, SaliencyImageFolder
+from salmask import data, distributed, functional, saliency, ssl
+from salmask.data import SaliencyDataset, SaliencyImageFolder, SyntheticShapes
 from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput, MomentumQueue, NTXentLoss, extend_moco_logits
 from salmask.saliency import SCDA, SaliencyCache, build_backbone, build_saliency_cache, build_scda, load_saliency_cache
+from salmask.ssl import MaskedViews, MoCo, SimCLR
 from salmask.transforms import (
     RELEASE_MASK_TYPE_PROBS,
     BlurMask,
@@ -30,7 +31,9 @@ __all__ = [
     "HighPassFilter",
     "HighPassMask",
     "InfoNCEOutput",
+    "MaskedViews",
     "MeanFillMask",
+    "MoCo",
     "MomentumQueue",
     "NTXentLoss",
     "Saliency",
@@ -38,6 +41,8 @@ __all__ = [
     "SaliencyDataset",
     "SaliencyImageFolder",
     "SaliencyMask",
+    "SimCLR",
+    "SyntheticShapes",
     "__version__",
     "build_backbone",
     "build_saliency_cache",
@@ -48,4 +53,5 @@ __all__ = [
     "functional",
     "load_saliency_cache",
     "saliency",
+    "ssl",
 ]
