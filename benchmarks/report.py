@@ -30,6 +30,8 @@ SECTIONS = [
     ("ablation", None, [], []),
     ("variance", "variance.py", [], ["--photo-images", "12", "--images", "50", "--views", "8"]),
 ]
+# Sections included when present, never run by --run (e.g. variance.py --ablation-config high_pass --name ...).
+OPTIONAL = ["variance_high_pass"]
 
 HEADER = """# salmask benchmarks: results
 
@@ -48,6 +50,11 @@ def run(quick: bool) -> None:
         subprocess.run(command, check=True, cwd=BENCHMARKS.parent)
 
 
+def demote(text: str) -> str:
+    """One heading level down: each file's level-1 title becomes a level-2 section of RESULTS.md."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in text.strip().splitlines())
+
+
 def assemble() -> Path:
     parts = [HEADER.format(date=datetime.date.today().isoformat())]
     notes = BENCHMARKS / "notes.md"
@@ -63,6 +70,10 @@ def assemble() -> Path:
         else:
             how = f"python benchmarks/{script or 'ablation.py'}"
             parts.append(f"## {name}\n\nNot run yet: `{how}`.")
+    for name in OPTIONAL:
+        path = RESULTS / f"{name}.md"
+        if path.is_file():
+            parts.append(demote(path.read_text()))
     out = BENCHMARKS / "RESULTS.md"
     out.write_text("\n\n".join(parts).rstrip() + "\n")
     return out

@@ -199,7 +199,8 @@ def main() -> None:
         "--ablation-config", default="none", choices=ablation.CONFIGS, help="which ablation encoder to measure"
     )
     parser.add_argument("--data", type=Path, default=ablation.DEFAULT_DATA)
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write results/variance.md")
+    parser.add_argument("--name", default="variance", help="section file: results/<name>.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write results/<name>.md")
     args = parser.parse_args()
     sections = [
         "## 7. Representation variance of standard and masked views (paper's Table 7)\n\n"
@@ -214,7 +215,7 @@ def main() -> None:
             print(sections[-1], flush=True)
     if not args.no_write:
         command = ("python benchmarks/variance.py " + " ".join(sys.argv[1:])).strip()
-        print(f"wrote {write_report('variance', 'Representation variance', command, torch.device('cpu'), sections)}")
+        print(f"wrote {write_report(args.name, 'Representation variance', command, torch.device('cpu'), sections)}")
 
 
 if __name__ == "__main__":
