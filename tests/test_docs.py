@@ -227,7 +227,9 @@ def test_shell_commands_name_existing_scripts_and_options():
         elif not (ROOT / script[0]).is_file():
             problems.append(f"{where}: no file {script[0]}")
             continue
-        options = {word.split("=")[0] for word in argv if word.startswith("--")}
+        # Options before the script belong to its launcher (python, torchrun), not to the script.
+        script_at = next(index for index, word in enumerate(argv) if word == script[-1])
+        options = {word.split("=")[0] for word in argv[script_at + 1 :] if word.startswith("--")}
         text = help_text(tuple(script))
         problems += [
             f"{where}: {' '.join(script)} has no option {option}"

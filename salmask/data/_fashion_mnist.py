@@ -19,6 +19,7 @@ __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "FashionMNIST", "read_
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 """Where ``apt-get install dataset-fashion-mnist`` (Debian, Ubuntu) puts the four gzipped IDX files."""
 
+#: The ten Fashion-MNIST class names, in target order.
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
     "Trouser",

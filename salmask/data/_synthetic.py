@@ -21,6 +21,7 @@ from salmask.tv_tensors import Saliency
 
 __all__ = ["SHAPE_CLASSES", "SyntheticShapes"]
 
+#: The class names of :class:`SyntheticShapes`, in target order.
 SHAPE_CLASSES: tuple[str, ...] = (
     "disc",
     "square",
