@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from salmask.data import SyntheticShapes
-from salmask.distributed import get_rank
+from salmask.distributed import get_rank, init_distributed
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import (
     BadImageError,
@@ -60,19 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_distributed(device_name: str) -> torch.device:
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("k", "batch_size"):
@@ -80,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
     if not args.temperature > 0:
         raise SystemExit(f"--temperature: must be positive, got {args.temperature}")
-    device = setup_distributed(args.device)
+    device = init_distributed(args.device)
     rank = get_rank()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -37,7 +36,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from salmask.data import SyntheticShapes
-from salmask.distributed import get_rank, get_world_size
+from salmask.distributed import get_rank, get_world_size, init_distributed
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import (
     BadImageError,
@@ -93,19 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default: auto)")
     add("--on-bad-image", choices=("fail", "skip"), default="fail", help="unreadable images (default: fail)")
     return parser
-
-
-def setup_distributed(device_name: str) -> torch.device:
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
@@ -254,7 +240,7 @@ def evaluate(model: LinearClassifier, loader: DataLoader, device: torch.device) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = setup_distributed(args.device)
+    device = init_distributed(args.device)
     rank, world_size = get_rank(), get_world_size()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,

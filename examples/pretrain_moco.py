@@ -26,7 +26,6 @@ import argparse
 import inspect
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -46,7 +45,7 @@ from tqdm import tqdm
 
 from salmask import HighPassFilter
 from salmask.data import SaliencyImageFolder, SyntheticShapes
-from salmask.distributed import get_rank, get_world_size
+from salmask.distributed import get_rank, get_world_size, init_distributed
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_scda
 from salmask.ssl import (
     STRATEGIES,
@@ -57,6 +56,7 @@ from salmask.ssl import (
     ResumableSampler,
     SeededDataset,
     StopSignal,
+    TwoViews,
     build_encoder,
     finite_or_raise,
     knn_top1,
@@ -261,34 +261,6 @@ def check_config(config: dict[str, Any]) -> None:
         fail("data", f"{config['data']} has no train/ folder (expected an ImageFolder root with train/ and val/)")
 
 
-def setup_distributed(device_name: str) -> torch.device:
-    """Join the process group when started by torchrun; pick this rank's device."""
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-class TwoViews:
-    """Apply one random pipeline twice: the query and key views of an image (and of its saliency)."""
-
-    def __init__(self, pipeline: v2.Transform) -> None:
-        self.pipeline = pipeline
-
-    def __call__(self, image: Any, saliency: Any = None) -> tuple[Any, ...]:
-        if saliency is None:
-            return self.pipeline(image), self.pipeline(image)
-        query, query_saliency = self.pipeline(image, saliency)
-        key, key_saliency = self.pipeline(image, saliency)
-        return query, query_saliency, key, key_saliency
-
-
 def moco_v2_augmentation(size: int) -> v2.Compose:
     """MoCo v2's views; the v2 transforms crop and flip a Saliency map together with its image."""
     blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the view, odd
@@ -355,14 +327,6 @@ def build_masker(config: dict[str, Any], device: torch.device) -> MaskedViews:
     return masker.to(device)
 
 
-def input_filter(masker: MaskedViews) -> dict[str, Any] | None:
-    """The filter every input of the pretrained encoder went through, recorded for evaluation."""
-    if not masker.filters_views:
-        return None
-    options = masker.query_mask.fill_options
-    return {"name": "high_pass", "kernel_size": options["kernel_size"], "sigma": options["sigma"]}
-
-
 class MetricsLog:
     """Rank 0 appends records to metrics.jsonl and, when TensorBoard is installed, to its event files."""
 
@@ -398,7 +362,7 @@ class MetricsLog:
 
 def main(argv: list[str] | None = None) -> int:
     config, checkpoint = resolve_config(argv)
-    device = setup_distributed(config["device"])
+    device = init_distributed(config["device"])
     rank, world_size = get_rank(), get_world_size()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -449,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Model: the query encoder, its momentum copy and the queue live in one module.
     masker = build_masker(config, device)
-    config["input_filter"] = input_filter(masker)
+    config["input_filter"] = masker.input_filter
     logger.info("settings: %s", json.dumps(config, sort_keys=True))
     if rank == 0:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))

@@ -8,6 +8,7 @@ under DDP.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -18,8 +19,44 @@ __all__ = [
     "all_gather_with_grad",
     "get_rank",
     "get_world_size",
+    "init_distributed",
     "is_distributed",
 ]
+
+
+def init_distributed(device: str = "auto") -> torch.device:
+    """Join the process group when started by ``torchrun`` and return this rank's device.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the default process group is created with NCCL on GPUs and
+    gloo on CPUs, and each process takes the GPU of its ``LOCAL_RANK``. In a single process nothing is
+    initialised, so the same script runs unchanged on a laptop.
+
+    Args:
+        device: ``"auto"`` (a GPU when one is available), ``"cuda"`` or ``"cpu"``.
+
+    Returns:
+        The device this process should use.
+
+    Raises:
+        ValueError: if ``device`` is not one of the three names, or is ``"cuda"`` without a CUDA device.
+
+    Example:
+        >>> from salmask.distributed import init_distributed
+        >>> init_distributed("cpu")
+        device(type='cpu')
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 def is_distributed() -> bool:

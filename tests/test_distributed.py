@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from salmask.distributed import all_gather, all_gather_with_grad, get_rank, get_world_size, is_distributed
+from salmask.distributed import (
+    all_gather,
+    all_gather_with_grad,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+)
 from salmask.losses import NTXentLoss
 
 # The tests run with --import-mode=importlib (no tests/ on sys.path), so the worker, which is also run as a
@@ -157,3 +164,19 @@ def test_gathered_ntxent_matches_one_process_on_the_global_batch(two_rank_result
         # DDP averages gradients over ranks, so each rank's gradient / world size is the global gradient.
         torch.testing.assert_close(results["simclr_grad_a"] / WORLD_SIZE, view_a.grad[rows])
         torch.testing.assert_close(results["simclr_grad_b"] / WORLD_SIZE, view_b.grad[rows])
+
+
+def test_init_distributed_in_one_process_picks_the_device_and_creates_no_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed("cpu") == torch.device("cpu")
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert init_distributed("auto") == expected
+    assert not is_distributed()
+
+
+def test_init_distributed_rejects_bad_devices():
+    with pytest.raises(ValueError, match="device must be"):
+        init_distributed("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            init_distributed("cuda")

@@ -35,7 +35,7 @@ from salmask.ssl._encoders import RESNETS, build_encoder, feature_dim_of, projec
 from salmask.ssl._knn import extract_features, knn_predict, knn_top1
 from salmask.ssl._moco import BATCH_NORM_MODES, MoCo, batch_shuffle, batch_unshuffle
 from salmask.ssl._simclr import SimCLR
-from salmask.ssl._views import STRATEGIES, MaskedViews, MaskedViewsOutput
+from salmask.ssl._views import STRATEGIES, MaskedViews, MaskedViewsOutput, TwoViews
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
@@ -53,6 +53,7 @@ __all__ = [
     "SeededDataset",
     "SimCLR",
     "StopSignal",
+    "TwoViews",
     "batch_shuffle",
     "batch_unshuffle",
     "build_encoder",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -12,7 +13,7 @@ from salmask.saliency import SCDA
 from salmask.transforms import HardNegativeMask, SaliencyMask
 from salmask.tv_tensors import Saliency
 
-__all__ = ["STRATEGIES", "MaskedViews", "MaskedViewsOutput"]
+__all__ = ["STRATEGIES", "MaskedViews", "MaskedViewsOutput", "TwoViews"]
 
 #: The masking strategies of :class:`MaskedViews`.
 STRATEGIES = ("high_pass", "blur", "mean", "mscn", "none")
@@ -205,6 +206,15 @@ class MaskedViews(nn.Module):
                 )
         self.filters_views = fill == "high_pass"
 
+    @property
+    def input_filter(self) -> dict[str, Any] | None:
+        """The filter every view went through, to record with a checkpoint for evaluation (see
+        :func:`~salmask.ssl.input_filter_of`); ``None`` when the strategy feeds unfiltered views."""
+        if not self.filters_views:
+            return None
+        options = self.query_mask.fill_options
+        return {"name": "high_pass", "kernel_size": options["kernel_size"], "sigma": options["sigma"]}
+
     def _shared_filter(self, hard_negative_fill_options: dict[str, Any]) -> dict[str, Any]:
         query_filter = {name: self.query_mask.fill_options[name] for name in ("kernel_size", "sigma")}
         for name, value in query_filter.items():
@@ -298,3 +308,39 @@ class MaskedViews(nn.Module):
         return MaskedViewsOutput(
             masked_query, key, hard_negatives, hard_negative_valid, query_params, hard_negative_params
         )
+
+
+class TwoViews:
+    """Apply one random pipeline twice to a sample: the query and key views of an image and its saliency.
+
+    A dataset transform in the style of the two-crop transforms of MoCo and SimCLR; the torchvision v2
+    pipeline crops and flips a :class:`~salmask.Saliency` together with its image, independently per view.
+
+    Args:
+        pipeline: the augmentation drawn afresh for each view.
+
+    Example:
+        >>> import torch
+        >>> from torchvision.transforms import v2
+        >>> from salmask import Saliency
+        >>> two = TwoViews(v2.RandomResizedCrop(8))
+        >>> query, query_saliency, key, key_saliency = two(torch.rand(3, 16, 16), Saliency(torch.ones(16, 16)))
+        >>> tuple(query.shape), tuple(key_saliency.shape)
+        ((3, 8, 8), (8, 8))
+    """
+
+    def __init__(self, pipeline: Callable[..., Any]) -> None:
+        if not callable(pipeline):
+            raise TypeError(f"pipeline must be callable, got {type(pipeline).__name__}")
+        self.pipeline = pipeline
+
+    def __call__(self, image: Any, saliency: Any = None) -> tuple[Any, ...]:
+        """``(query, key)``, or ``(query, query_saliency, key, key_saliency)`` when a saliency is given."""
+        if saliency is None:
+            return self.pipeline(image), self.pipeline(image)
+        query, query_saliency = self.pipeline(image, saliency)
+        key, key_saliency = self.pipeline(image, saliency)
+        return query, query_saliency, key, key_saliency
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pipeline!r})"

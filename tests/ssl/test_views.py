@@ -8,7 +8,7 @@ from torch import nn
 
 from salmask import SCDA, Saliency
 from salmask.functional import expand_patch_mask, high_pass
-from salmask.ssl import STRATEGIES, MaskedViews, MaskedViewsOutput
+from salmask.ssl import STRATEGIES, MaskedViews, MaskedViewsOutput, TwoViews
 
 SIZE, PATCH, BATCH = 32, 8, 4  # a 4 x 4 patch grid
 GRID = SIZE // PATCH
@@ -292,3 +292,33 @@ def test_no_host_synchronisation_on_cuda(strategy):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.query.is_cuda
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_input_filter_records_the_filter_only_for_strategies_that_filter_views(strategy):
+    masker = MaskedViews(
+        strategy,
+        patch_size=8,
+        fill_options={"kernel_size": 7, "sigma": 2.0} if strategy in ("high_pass", "mscn") else None,
+    )
+    if strategy in ("high_pass", "mscn"):
+        assert masker.input_filter == {"name": "high_pass", "kernel_size": 7, "sigma": 2.0}
+    else:
+        assert masker.input_filter is None
+
+
+def test_two_views_draws_each_view_afresh_and_moves_saliency_with_its_image():
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    image = torch.arange(16 * 16, dtype=torch.float32).view(1, 16, 16).expand(3, -1, -1).clone()
+    saliency = Saliency(image[0] > 100)
+    two = TwoViews(v2.Compose([v2.RandomCrop(8), v2.RandomHorizontalFlip()]))  # no interpolation: exact checks
+    query, query_saliency, key, key_saliency = two(image, saliency)
+    assert not torch.equal(query, key)
+    assert isinstance(query_saliency, Saliency) and isinstance(key_saliency, Saliency)
+    assert torch.equal(query_saliency.as_subclass(torch.Tensor), query[0] > 100)
+    assert torch.equal(key_saliency.as_subclass(torch.Tensor), key[0] > 100)
+    assert len(two(image)) == 2
+    with pytest.raises(TypeError, match="pipeline"):
+        TwoViews(None)
