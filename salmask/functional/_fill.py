@@ -140,9 +140,11 @@ def fill_noise(
     check_float_image(image, "noise")
     if not std >= 0:
         raise ValueError(f"std must be non-negative, got {std}")
-    noise = torch.randn(image.shape, dtype=image.dtype, device=image.device, generator=generator)
-    noise = noise.mul_(std).add_(mean)
-    return _where(mask, noise, image, inplace)
+    # One pass draws the scaled noise, and the out-of-place result is written over the noise buffer: on a
+    # CPU the Gaussian draw is the whole cost of this fill, and each extra pass or fresh batch-sized
+    # allocation (page faults) adds about a copy of the batch.
+    noise = torch.empty_like(image).normal_(mean, std, generator=generator)
+    return torch.where(mask, noise, image, out=image if inplace else noise)
 
 
 def fill_high_pass(
