@@ -118,8 +118,8 @@ def draw_mask_params(
         - ``"focal_window"``: ``(B, 4)`` int64 ``(top, left, height, width)`` of the focal window;
         - ``"applied"``: ``(B,)`` bool, the images that drew ``p``;
         - ``"valid"``: ``(B,)`` bool; for hard negatives, ``False`` where none could be made (no
-          foreground, or not applied), so the loss can drop it instead of contrasting the positive with
-          itself; always ``True`` for positives;
+          foreground, also for focal masks, or not applied), so the loss can drop it instead of
+          contrasting the positive with itself; always ``True`` for positives;
         - ``"foreground"``: ``(B, rows, cols)`` bool, the saliency on the patch grid (all ``True`` without
           saliency).
 
@@ -174,6 +174,10 @@ def draw_mask_params(
     patch_mask = patch_mask.unflatten(-1, (rows, cols))
     mask = expand_patch_mask(patch_mask, image_size, patch_size)
 
+    # A hard negative exists where some patch of the object, or a focal window, is masked.
+    valid = (
+        patch_mask.flatten(1).any(dim=1) if hard_negative else torch.ones(batch_size, dtype=torch.bool, device=device)
+    )
     uses_focal = mask_type_probs.get("focal", 0.0) > 0
     if uses_focal:
         focal_mask, focal_window = focal_window_mask(
@@ -183,15 +187,17 @@ def draw_mask_params(
             keep_window=not hard_negative,
             **draw,
         )
-        is_focal = ((mask_type == FOCAL) & applied)[:, None, None, None]
-        mask = torch.where(is_focal, focal_mask, mask)
+        is_focal = (mask_type == FOCAL) & applied
+        if hard_negative:
+            # A focal window ignores saliency; on an image without foreground it would hide background only,
+            # and the "negative" would be the key itself (the release counts it anyway).
+            is_focal = is_focal & foreground.flatten(1).any(dim=1)
+        mask = torch.where(is_focal[:, None, None, None], focal_mask, mask)
+        if hard_negative:
+            valid = valid | is_focal
     else:
         # Skipping the focal pass when focal masks cannot be drawn saves two passes over the pixels.
         focal_window = torch.zeros(batch_size, 4, dtype=torch.long, device=device)
-    if hard_negative:
-        valid = applied & ((mask_type == FOCAL) | patch_mask.flatten(1).any(dim=1))
-    else:
-        valid = torch.ones(batch_size, dtype=torch.bool, device=device)
     params = {
         "mask": mask,
         "patch_mask": patch_mask,
