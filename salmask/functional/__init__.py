@@ -2,8 +2,9 @@
 
 Data flows one way: saliency -> patch grid (:func:`saliency_to_patch_grid`) -> masks
 (:func:`draw_mask_params`) -> fill (:func:`apply_fill`). Each step is a function of tensors that can be
-called on its own, has no Python loop over images and no host synchronisation, and takes an optional
-``torch.Generator`` for every random draw.
+called on its own, has no Python loop over images, never synchronises an accelerator with the host (on
+a CPU the noise fills read how many pixels are masked, to draw no more samples than that), and takes an
+optional ``torch.Generator`` for every random draw.
 """
 
 from salmask.functional._fill import fill_blur, fill_constant, fill_high_pass, fill_mean, fill_noise

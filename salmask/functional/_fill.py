@@ -119,6 +119,10 @@ def fill_noise(
 ) -> Tensor:
     """Fill masked pixels with Gaussian noise, fresh for every pixel and channel.
 
+    On a CPU only the masked elements draw a sample (the CPU generator is serial, so this is most of the
+    fill's cost); on other devices every pixel draws one, in parallel and without a host synchronisation.
+    Either way the same generator state gives the same result on the same device.
+
     Args:
         image: ``(C, H, W)`` or ``(B, C, H, W)`` float image.
         mask: boolean mask broadcasting against ``image``.
@@ -140,9 +144,14 @@ def fill_noise(
     check_float_image(image, "noise")
     if not std >= 0:
         raise ValueError(f"std must be non-negative, got {std}")
-    # One pass draws the scaled noise, and the out-of-place result is written over the noise buffer: on a
-    # CPU the Gaussian draw is the whole cost of this fill, and each extra pass or fresh batch-sized
-    # allocation (page faults) adds about a copy of the batch.
+    if image.device.type == "cpu" and not torch.compiler.is_compiling():
+        # The CPU generator draws serially, about twenty copies of the batch for one sample per pixel: draw
+        # only as many samples as there are masked elements. Counting them reads host memory, not a device.
+        elements = mask.expand_as(image)
+        noise = image.new_empty(int(elements.sum())).normal_(mean, std, generator=generator)
+        return (image if inplace else image.clone()).masked_scatter_(elements, noise)
+    # Elsewhere one sample per pixel, drawn in parallel and without reading the mask on the host; the
+    # out-of-place result is written over the noise buffer instead of a fresh allocation.
     noise = torch.empty_like(image).normal_(mean, std, generator=generator)
     return torch.where(mask, noise, image, out=image if inplace else noise)
 

