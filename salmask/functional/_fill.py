@@ -147,9 +147,10 @@ def fill_noise(
     if image.device.type == "cpu" and not torch.compiler.is_compiling():
         # The CPU generator draws serially, about twenty copies of the batch for one sample per pixel: draw
         # only as many samples as there are masked elements. Counting them reads host memory, not a device.
-        elements = mask.expand_as(image)
-        noise = image.new_empty(int(elements.sum())).normal_(mean, std, generator=generator)
-        return (image if inplace else image.clone()).masked_scatter_(elements, noise)
+        # Counted before broadcasting: every mask element stands for the same number of image elements.
+        count = int(torch.count_nonzero(mask)) * (image.numel() // max(mask.numel(), 1))
+        noise = image.new_empty(count).normal_(mean, std, generator=generator)
+        return (image if inplace else image.clone()).masked_scatter_(mask.expand_as(image), noise)
     # Elsewhere one sample per pixel, drawn in parallel and without reading the mask on the host; the
     # out-of-place result is written over the noise buffer instead of a fresh allocation.
     noise = torch.empty_like(image).normal_(mean, std, generator=generator)

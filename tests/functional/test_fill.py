@@ -36,6 +36,27 @@ def test_unmasked_pixels_are_bit_identical(seed, name, per_channel):
     assert torch.equal(out[keep], image[keep])
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    broadcast=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+    inplace=st.booleans(),
+)
+def test_noise_lands_on_exactly_the_masked_elements_for_any_broadcast(seed, broadcast, inplace):
+    # On a CPU the noise is drawn for the masked elements only and scattered: the count must follow the
+    # mask's broadcasting over batch, channel, row and column alike.
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.zeros(3, 3, 9, 10)
+    mask_shape = [1 if squeezed else size for squeezed, size in zip(broadcast, image.shape, strict=True)]
+    mask = torch.rand(mask_shape, generator=gen) < 0.4
+    original = image.clone()
+    out = fill_noise(image, mask, std=1.0, mean=5.0, generator=gen, inplace=inplace)
+    full = mask.expand_as(image)
+    assert torch.equal(out[~full], original[~full])
+    assert (out[full] != 0).all() and (full.sum() < 20 or out[full].std() > 0.5)
+    assert (out is image) == inplace and (inplace or torch.equal(image, original))
+
+
 def test_fills_put_the_right_values_in_masked_pixels():
     image, mask = random_case(0)
     full = mask.expand_as(image)
