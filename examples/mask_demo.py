@@ -26,7 +26,14 @@ from salmask import BlurMask, HardNegativeMask, HighPassMask, MeanFillMask, buil
 from salmask.functional import expand_patch_mask, saliency_to_patch_grid
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 
-PHOTOS = {"cat": data.chelsea, "coffee": data.coffee, "astronaut": data.astronaut, "rocket": data.rocket}
+# Photos that ship with scikit-image (examples/saliency_figure.py draws the same ones).
+PHOTOS = {
+    "cat": data.chelsea,
+    "coffee": data.coffee,
+    "astronaut": data.astronaut,
+    "rocket": data.rocket,
+    "motorcycle": lambda: data.stereo_motorcycle()[0],
+}
 VIEW_SIZE = 224
 PATCH_SIZE = 32
 
@@ -51,7 +58,7 @@ def show(image: torch.Tensor, high_passed: bool = False):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/mask_demo.png"))
-    parser.add_argument("--photos", nargs="+", default=list(PHOTOS), choices=list(PHOTOS))
+    parser.add_argument("--photos", nargs="+", default=list(PHOTOS)[:4], choices=list(PHOTOS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -23,31 +23,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
-from skimage import data
-from torchvision.transforms.v2 import functional as TF
+
+# The script's own folder is on sys.path when it runs: the demo's photos and view loader serve both figures.
+from mask_demo import PATCH_SIZE, PHOTOS, load_views
 
 from salmask import BlurMask, HardNegativeMask, Saliency
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, SCDA, build_scda
-
-PHOTOS = {
-    "chelsea": data.chelsea,
-    "coffee": data.coffee,
-    "astronaut": data.astronaut,
-    "rocket": data.rocket,
-    "motorcycle": lambda: data.stereo_motorcycle()[0],
-}
-VIEW_SIZE = 224
-PATCH_SIZE = 32
-
-
-def load_views(names: list[str]) -> torch.Tensor:
-    """The photos as square 224 px float views in [0, 1] (centre crop, then resize)."""
-    views = []
-    for name in names:
-        image = torch.from_numpy(PHOTOS[name]()).permute(2, 0, 1)
-        image = TF.center_crop(image, [min(image.shape[-2:])] * 2)
-        views.append(TF.resize(image, [VIEW_SIZE, VIEW_SIZE], antialias=True))
-    return torch.stack(views).float() / 255
 
 
 def grid_overlay(axis: plt.Axes, view: torch.Tensor, foreground: torch.Tensor) -> None:

@@ -1,3 +1,6 @@
+import socket
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -14,3 +17,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+def _unused_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """Returns a function giving a TCP port of 127.0.0.1 that is unused right now (for torch.distributed)."""
+    return _unused_port

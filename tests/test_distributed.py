@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,18 +67,12 @@ def test_gathers_reject_bad_input(gather) -> None:
 # Two processes, gloo on CPU
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def two_rank_results(tmp_path_factory: pytest.TempPathFactory, free_port) -> list[dict]:
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
     output_dir = tmp_path_factory.mktemp("ddp")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     processes = [
         subprocess.Popen(

@@ -23,7 +23,7 @@ def test_mask_demo_writes_its_figure(tmp_path):
 def test_saliency_figure_writes_its_figure(tmp_path):
     out = tmp_path / "saliency.png"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "saliency_figure.py"), "--out", str(out), "--photos", "chelsea"],
+        [sys.executable, str(ROOT / "examples" / "saliency_figure.py"), "--out", str(out), "--photos", "cat"],
         capture_output=True,
         text=True,
         timeout=300,
