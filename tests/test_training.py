@@ -16,7 +16,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -112,7 +111,7 @@ def moco_checkpoint(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            code = script("pretrain_moco").main([*MOCO_TINY, "--output-dir", str(output)])
+            code = script("pretrain").main([*MOCO_TINY, "--output-dir", str(output)])
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -159,7 +158,9 @@ def test_moco_checkpoint_holds_the_whole_training_state(moco_checkpoint):
 
 
 def test_simclr_trains_with_lars(tmp_path, run_main):
-    code, out, err = run_main("pretrain_simclr", [*TINY, "--output-dir", str(tmp_path), "--strategy", "blur"])
+    code, out, err = run_main(
+        "pretrain", ["--method", "simclr", *TINY, "--output-dir", str(tmp_path), "--strategy", "blur"]
+    )
     assert code == 0, err
     assert KNN_LINE.search(out), out
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -173,7 +174,7 @@ def test_moco_on_an_image_folder_skips_a_broken_image_and_names_it(tmp_path, run
     args = ["--data", str(data), "--image-size", "32", "--arch", "resnet18", "--small-images", "--batch-size", "8"]
     args += ["--epochs", "1", "--warmup-epochs", "0", "--queue-size", "16", "--workers", "0"]
     args += ["--scda-backbone", "efficientnet_lite0", "--output-dir", str(tmp_path / "out"), "--on-bad-image", "skip"]
-    code, out, err = run_main("pretrain_moco", args)
+    code, out, err = run_main("pretrain", args)
     assert code == 0
     assert f"cannot read image {data / 'train' / 'a' / 'broken.png'}" in err
     assert "skipped" in err and KNN_LINE.search(out)
@@ -185,12 +186,12 @@ def test_a_broken_image_fails_fast_with_its_path_by_default(tmp_path, run_main):
     args = ["--data", str(data), "--image-size", "32", "--arch", "resnet18", "--small-images", "--batch-size", "8"]
     args += ["--epochs", "1", "--warmup-epochs", "0", "--strategy", "none", "--saliency", "none", "--workers", "0"]
     with pytest.raises(BadImageError, match=re.escape(str(data / "train" / "a" / "broken.png"))):
-        run_main("pretrain_moco", [*args, "--output-dir", str(tmp_path / "out")])
+        run_main("pretrain", [*args, "--output-dir", str(tmp_path / "out")])
 
 
 def test_a_finished_run_resumed_with_more_epochs_trains_them(moco_checkpoint, tmp_path, run_main):
     path, _ = moco_checkpoint
-    code, out, err = run_main("pretrain_moco", ["--resume", str(path), "--epochs", "2", "--output-dir", str(tmp_path)])
+    code, out, err = run_main("pretrain", ["--resume", str(path), "--epochs", "2", "--output-dir", str(tmp_path)])
     assert code == 0
     assert "resumed from" in err and "at epoch 1, step 0" in err
     assert "schedule is recomputed for 2 epochs" in err
@@ -202,7 +203,7 @@ def test_a_finished_run_resumed_with_more_epochs_trains_them(moco_checkpoint, tm
 
 @pytest.mark.cuda
 def test_moco_with_amp_and_channels_last_on_cuda(tmp_path, run_main):
-    code, out, err = run_main("pretrain_moco", [*MOCO_TINY, "--device", "cuda", "--output-dir", str(tmp_path)])
+    code, out, err = run_main("pretrain", [*MOCO_TINY, "--device", "cuda", "--output-dir", str(tmp_path)])
     assert code == 0, err
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
     assert checkpoint["scaler"], "AMP is on by default on CUDA and its scaler is saved"
@@ -212,15 +213,34 @@ def test_moco_with_amp_and_channels_last_on_cuda(tmp_path, run_main):
 
 def test_flags_override_a_preset(tmp_path):
     (tmp_path / "train").mkdir()
-    config, _ = script("pretrain_moco").resolve_config(
+    config, _ = script("pretrain").resolve_config(
         ["--preset", "in100_moco_blur", "--data", str(tmp_path), "--lr", "0.1"]
     )
     assert config["strategy"] == "blur" and config["arch"] == "resnet50" and config["queue_size"] == 65536
     assert config["lr"] == 0.1
-    with pytest.raises(SystemExit, match="pretrain_simclr"):
-        script("pretrain_moco").resolve_config(["--preset", "in100_simclr_blur", "--data", str(tmp_path)])
+    config, _ = script("pretrain").resolve_config(["--preset", "in100_simclr_blur", "--data", str(tmp_path)])
+    assert config["method"] == "simclr" and config["lr"] == 0.3 and "queue_size" not in config
+    with pytest.raises(SystemExit, match="--method moco: preset 'in100_simclr_blur' is a simclr run"):
+        script("pretrain").resolve_config(
+            ["--method", "moco", "--preset", "in100_simclr_blur", "--data", str(tmp_path)]
+        )
     with pytest.raises(SystemExit, match="--warmup-epochs"):
-        script("pretrain_moco").resolve_config(["--epochs", "2", "--warmup-epochs", "2"])
+        script("pretrain").resolve_config(["--epochs", "2", "--warmup-epochs", "2"])
+
+
+def test_each_method_takes_its_own_defaults_and_refuses_the_other_methods_settings(moco_checkpoint):
+    moco, _ = script("pretrain").resolve_config([])
+    simclr, _ = script("pretrain").resolve_config(["--method", "simclr"])
+    assert moco["method"] == "moco" and moco["queue_size"] == 1024 and moco["output_dir"].endswith("moco_synthetic")
+    assert simclr["method"] == "simclr" and simclr["sync_batch_norm"] and "moco_momentum" not in simclr
+    assert simclr["output_dir"].endswith("simclr_synthetic")
+    with pytest.raises(SystemExit, match="--queue-size: not a setting of --method simclr"):
+        script("pretrain").resolve_config(["--method", "simclr", "--queue-size", "16"])
+    with pytest.raises(SystemExit, match="--sync-batch-norm: not a setting of --method moco"):
+        script("pretrain").resolve_config(["--sync-batch-norm"])
+    path, _ = moco_checkpoint
+    with pytest.raises(SystemExit, match="--method simclr: the checkpoint continues a moco run"):
+        script("pretrain").resolve_config(["--resume", str(path), "--method", "simclr"])
 
 
 @pytest.mark.parametrize("method", ["moco", "simclr"])
@@ -230,7 +250,7 @@ def test_every_preset_of_the_paper_exists_with_its_expected_result(method, strat
     text = path.read_text()
     preset = yaml.safe_load(text)
     assert preset["method"] == method and preset["strategy"] == strategy and preset["epochs"] == 200
-    assert set(preset) <= set(script(f"pretrain_{method}").DEFAULTS)
+    assert set(preset) <= set(script("pretrain").defaults_for(method, synthetic=False))
     expected = re.search(r"linear evaluation top-1 on ImageNet-100\): (\d+\.\d+)%", text)
     assert expected, "the expected result is written in the preset"
     assert 60.0 < float(expected.group(1)) < 80.0
@@ -262,7 +282,7 @@ def test_linear_eval_applies_the_high_pass_filter_of_a_high_pass_checkpoint(moco
 
 
 def test_linear_eval_leaves_inputs_of_other_strategies_alone(tmp_path, run_main):
-    code, _, err = run_main("pretrain_moco", [*MOCO_TINY, "--strategy", "mean", "--output-dir", str(tmp_path / "p")])
+    code, _, err = run_main("pretrain", [*MOCO_TINY, "--strategy", "mean", "--output-dir", str(tmp_path / "p")])
     assert code == 0, err
     args = [str(tmp_path / "p" / "checkpoint.pt"), "--epochs", "1", "--recipe", "simclr", "--batch-size", "8"]
     code, out, err = run_main("linear_eval", [*args, "--output-dir", str(tmp_path / "l")])
@@ -282,7 +302,7 @@ def test_resuming_a_corrupt_checkpoint_is_a_clear_error(tmp_path, run_main, moco
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00\x01 not a checkpoint")
     with pytest.raises(CheckpointError, match=r"garbage\.pt cannot be read; it is corrupt"):
-        run_main("pretrain_moco", ["--resume", str(garbage)])
+        run_main("pretrain", ["--resume", str(garbage)])
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(moco_checkpoint[0].read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="corrupt, truncated"):
@@ -293,12 +313,10 @@ def test_resuming_a_corrupt_checkpoint_is_a_clear_error(tmp_path, run_main, moco
     assert "Traceback" not in result.stderr
 
 
-def test_two_processes_under_torchrun(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_two_processes_under_torchrun(tmp_path, free_port):
+    port = free_port()
     args = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}"]
-    args += [str(EXAMPLES / "pretrain_moco.py"), *MOCO_TINY, "--output-dir", str(tmp_path)]
+    args += [str(EXAMPLES / "pretrain.py"), *MOCO_TINY, "--output-dir", str(tmp_path)]
     result = run_subprocess(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 rank(s)" in result.stderr
@@ -311,7 +329,7 @@ def test_two_processes_under_torchrun(tmp_path):
 
 
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
-    args = [str(EXAMPLES / "pretrain_moco.py"), "--synthetic-train-size", "32", "--synthetic-val-size", "8"]
+    args = [str(EXAMPLES / "pretrain.py"), "--synthetic-train-size", "32", "--synthetic-val-size", "8"]
     args += ["--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--queue-size", "16", "--log-every", "1"]
     uninterrupted = run_subprocess([*args, "--output-dir", str(tmp_path / "a")])
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
@@ -338,7 +356,7 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert "stopped by signal" in stderr
     assert stopped["epoch"] == 0 and 1 <= stopped["step"] < 4, "stopped mid-epoch"
 
-    resumed = run_subprocess([str(EXAMPLES / "pretrain_moco.py"), "--resume", str(interrupted_dir / "checkpoint.pt")])
+    resumed = run_subprocess([str(EXAMPLES / "pretrain.py"), "--resume", str(interrupted_dir / "checkpoint.pt")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {interrupted_dir / 'checkpoint.pt'} at epoch 0, step {stopped['step']}" in resumed.stderr
     expected = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
@@ -353,7 +371,7 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_readme_main_job_prints_a_knn_accuracy(tmp_path):
     # The README's command with a smaller dataset and one epoch: the full default takes several minutes on
     # two cores.
-    args = [str(EXAMPLES / "pretrain_moco.py"), "--epochs", "1", "--synthetic-train-size", "64"]
+    args = [str(EXAMPLES / "pretrain.py"), "--epochs", "1", "--synthetic-train-size", "64"]
     args += ["--synthetic-val-size", "32", "--output-dir", str(tmp_path)]
     result = run_subprocess(args, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,23 +1,25 @@
-"""Pretrain a ResNet with MoCo v2 and saliency-guided masking.
+"""Pretrain a ResNet with MoCo v2 or SimCLR and saliency-guided masking.
 
-With no ``--data`` it trains a ResNet-18 (small-image stem) on the built-in synthetic shapes at 32 px on
-the CPU for a few minutes and prints the kNN top-1 of the result::
+With no ``--data`` it trains a ResNet-18 (small-image stem) with MoCo v2 on the built-in synthetic shapes
+at 32 px on the CPU for a few minutes and prints the kNN top-1 of the result::
 
-    python examples/pretrain_moco.py
+    python examples/pretrain.py
+    python examples/pretrain.py --method simclr
 
 On an ImageFolder dataset (``train/`` and ``val/`` subfolders), with a preset reproducing a run of the
-paper, on 4 GPUs, with saliency from a cache built by ``python -m salmask.saliency.cache``::
+paper (the preset names its method), on 4 GPUs, with saliency from a cache built by
+``python -m salmask.saliency.cache``::
 
-    torchrun --nproc_per_node=4 examples/pretrain_moco.py --preset in100_moco_high_pass \\
+    torchrun --nproc_per_node=4 examples/pretrain.py --preset in100_moco_high_pass \\
         --data /datasets/imagenet100 --saliency-cache imagenet100-train-saliency.pt
 
 Interrupted runs (SIGTERM writes a checkpoint and exits 0) continue where they stopped::
 
-    python examples/pretrain_moco.py --resume outputs/pretrain_moco/checkpoint.pt
+    python examples/pretrain.py --resume outputs/pretrain_moco/checkpoint.pt
 
-Settings come from, in increasing priority: the defaults below (the synthetic ones without ``--data``),
-the ``--preset`` file, and the flags given on the command line. The resolved settings are stored in every
-checkpoint; ``linear_eval.py`` and ``knn_eval.py`` read them from there.
+Settings come from, in increasing priority: the defaults below (the method's, and the synthetic ones
+without ``--data``), the ``--preset`` file, and the flags given on the command line. The resolved settings
+are stored in every checkpoint; ``linear_eval.py`` and ``knn_eval.py`` read them from there.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -55,6 +58,7 @@ from salmask.ssl import (
     MoCo,
     ResumableSampler,
     SeededDataset,
+    SimCLR,
     StopSignal,
     TwoViews,
     build_encoder,
@@ -66,15 +70,16 @@ from salmask.ssl import (
     training_state,
 )
 
-logger = logging.getLogger("pretrain_moco")
+logger = logging.getLogger("pretrain")
 PRESETS = Path(__file__).resolve().parent / "presets"
 DDP_OPTIONS = inspect.signature(DistributedDataParallel).parameters
+METHODS = ("moco", "simclr")
+METHOD_NAMES = {"moco": "MoCo v2", "simclr": "SimCLR"}
 
-# MoCo v2 as the paper trains it (its section 4 and appendix).
+# Settings shared by both methods, as the paper trains them (its section 4 and appendix).
 DEFAULTS: dict[str, Any] = {
     "method": "moco",
     "data": None,
-    "output_dir": "outputs/pretrain_moco",
     "arch": "resnet50",
     "small_images": False,
     "image_size": 224,
@@ -90,16 +95,10 @@ DEFAULTS: dict[str, Any] = {
     "patch_size": None,
     "epochs": 200,
     "warmup_epochs": 10,
-    "batch_size": 128,
-    "lr": 0.015,
     "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "moco_dim": 128,
-    "queue_size": 65536,
-    "moco_momentum": 0.999,
+    "dim": 128,
     "temperature": 0.2,
     "hard_negative_weight": 2.0,
-    "batch_norm": "shuffle",
     "workers": 8,
     "seed": 0,
     "device": "auto",
@@ -114,11 +113,31 @@ DEFAULTS: dict[str, Any] = {
     "synthetic_val_size": None,
 }
 
+# Each method's own settings: MoCo v2 with SGD, a queue and a momentum encoder; SimCLR with LARS and the
+# global batch as negatives. A run holds only its method's keys.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "moco": {
+        "output_dir": "outputs/pretrain_moco",
+        "batch_size": 128,
+        "lr": 0.015,
+        "weight_decay": 1e-4,
+        "queue_size": 65536,
+        "moco_momentum": 0.999,
+        "batch_norm": "shuffle",
+    },
+    "simclr": {
+        "output_dir": "outputs/pretrain_simclr",
+        "batch_size": 256,
+        "lr": 0.3,
+        "weight_decay": 1e-6,
+        "sync_batch_norm": True,
+    },
+}
+
 # Without --data: a run that shows the whole pipeline in a few CPU minutes. The synthetic images carry
 # their object's true mask, used as saliency: at 32 px an ImageNet localization network sees a 1 x 1
 # feature map, and the true mask isolates what the masking itself does from the quality of saliency.
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
-    "output_dir": "outputs/pretrain_moco_synthetic",
     "arch": "resnet18",
     "small_images": True,
     "image_size": 32,
@@ -126,25 +145,49 @@ SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "epochs": 2,
     "warmup_epochs": 1,
     "batch_size": 64,
-    "lr": 0.06,
-    "queue_size": 1024,
-    "moco_momentum": 0.99,
     "workers": 0,
     "log_every": 4,
     "knn_every": 0,
     "synthetic_train_size": 1024,
     "synthetic_val_size": 512,
 }
+SYNTHETIC_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "moco": {"output_dir": "outputs/pretrain_moco_synthetic", "lr": 0.06, "queue_size": 1024, "moco_momentum": 0.99},
+    "simclr": {"output_dir": "outputs/pretrain_simclr_synthetic"},
+}
+# Recorded by the script itself, never set by a user.
+DERIVED = ("input_filter",)
+
+
+def defaults_for(method: str, synthetic: bool) -> dict[str, Any]:
+    config = {**DEFAULTS, **METHOD_DEFAULTS[method], "method": method}
+    if synthetic:
+        config.update({**SYNTHETIC_DEFAULTS, **SYNTHETIC_METHOD_DEFAULTS[method]})
+    return config
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
     def default(key: str) -> str:
-        synthetic = f"; {SYNTHETIC_DEFAULTS[key]} without --data" if key in SYNTHETIC_DEFAULTS else ""
-        return f" (default: {DEFAULTS[key]}{synthetic})"
+        """The default of ``key``, per method when they differ, and without --data when that differs."""
+        parts = []
+        for synthetic in (False, True):
+            values = {method: defaults_for(method, synthetic).get(key) for method in METHODS}
+            values = {method: value for method, value in values.items() if value is not None or key in DEFAULTS}
+            if len(set(map(str, values.values()))) == 1:
+                text = str(next(iter(values.values())))
+            else:
+                text = ", ".join(f"{value} {method}" for method, value in values.items())
+            parts.append(text)
+        return f" (default: {parts[0]}" + (f"; {parts[1]} without --data)" if parts[1] != parts[0] else ")")
 
     # SUPPRESS keeps unset flags out of the namespace, so that a preset is only overridden by flags given.
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     add = parser.add_argument
+    add("--method", choices=METHODS, help="MoCo v2 or SimCLR (default: the preset's or checkpoint's, else moco)")
     add("--preset", help="name of a file in examples/presets (without .yaml) or a path to a YAML file")
     add("--resume", help="checkpoint to continue from; its settings apply unless overridden by flags")
     add("--data", help="ImageFolder root with train/ and val/ (default: the built-in synthetic shapes)")
@@ -174,15 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--epochs", type=int, help="training epochs" + default("epochs"))
     add("--warmup-epochs", type=int, help="linear warm-up epochs" + default("warmup_epochs"))
     add("--batch-size", type=int, help="global batch size, split over the ranks" + default("batch_size"))
-    add("--lr", type=float, help="peak learning rate (SGD)" + default("lr"))
-    add("--momentum", type=float, help="SGD momentum" + default("momentum"))
-    add("--weight-decay", type=float, help="SGD weight decay" + default("weight_decay"))
-    add("--moco-dim", type=int, help="embedding size" + default("moco_dim"))
-    add("--queue-size", type=int, help="K, queued keys" + default("queue_size"))
-    add("--moco-momentum", type=float, help="m, key encoder momentum" + default("moco_momentum"))
+    add("--lr", type=float, help="peak learning rate (SGD for MoCo, LARS for SimCLR)" + default("lr"))
+    add("--momentum", type=float, help="optimizer momentum" + default("momentum"))
+    add("--weight-decay", type=float, help="weight decay (SimCLR: not on biases and BN)" + default("weight_decay"))
+    add("--dim", type=int, help="embedding size, the projection head's output" + default("dim"))
     add("--temperature", type=float, help="tau" + default("temperature"))
     add("--hard-negative-weight", type=float, help="rho" + default("hard_negative_weight"))
-    add("--batch-norm", choices=("shuffle", "sync", "local"), help="key-encoder BN" + default("batch_norm"))
+    add("--queue-size", type=int, help="MoCo: K, queued keys" + default("queue_size"))
+    add("--moco-momentum", type=float, help="MoCo: m, key encoder momentum" + default("moco_momentum"))
+    add("--batch-norm", choices=("shuffle", "sync", "local"), help="MoCo: key-encoder BN" + default("batch_norm"))
+    add(
+        "--sync-batch-norm",
+        action=argparse.BooleanOptionalAction,
+        help="SimCLR: batch norm over the global batch under DDP" + default("sync_batch_norm"),
+    )
     add("--workers", type=int, help="data-loading processes per rank" + default("workers"))
     add("--seed", type=int, help="random seed" + default("seed"))
     add("--device", help="'auto', 'cpu', 'cuda'" + default("device"))
@@ -206,11 +254,12 @@ def load_preset(name: str) -> dict[str, Any]:
     preset = yaml.safe_load(path.read_text()) or {}
     if not isinstance(preset, dict):
         raise SystemExit(f"--preset {name!r}: {path} must hold a mapping of settings")
-    unknown = sorted(set(preset) - set(DEFAULTS))
-    if preset.get("method", DEFAULTS["method"]) != DEFAULTS["method"]:
-        raise SystemExit(f"--preset {name!r} is a {preset['method']} run: use examples/pretrain_{preset['method']}.py")
+    known = set(DEFAULTS).union(*METHOD_DEFAULTS.values())
+    unknown = sorted(set(preset) - known)
     if unknown:
         raise SystemExit(f"--preset {name!r}: {path} has unknown settings {unknown}")
+    if preset.get("method", "moco") not in METHODS:
+        raise SystemExit(f"--preset {name!r}: method must be one of {METHODS}, got {preset['method']!r}")
     return preset
 
 
@@ -220,14 +269,30 @@ def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, An
     checkpoint = None
     if "resume" in given:
         checkpoint = load_checkpoint(given["resume"])
+        trained = checkpoint["config"].get("method", "moco")
+        if given.get("method", trained) != trained:
+            raise SystemExit(f"--method {given['method']}: the checkpoint continues a {trained} run")
         config = {**checkpoint["config"], **{k: v for k, v in given.items() if k not in ("resume", "preset")}}
+        source = f"the checkpoint {given['resume']}"
     else:
         data = given.get("data")
         preset = load_preset(given["preset"]) if "preset" in given else {}
         if preset and not data:
             raise SystemExit(f"--data: preset {given['preset']!r} reproduces an ImageFolder run; give the data's root")
-        config = {**DEFAULTS, **({} if data else SYNTHETIC_DEFAULTS), **preset, **given}
+        method = given.get("method", preset.get("method", DEFAULTS["method"]))
+        if preset.get("method", method) != method:
+            raise SystemExit(f"--method {method}: preset {given['preset']!r} is a {preset['method']} run")
+        config = {**defaults_for(method, synthetic=not data), **preset, **given}
         config.pop("preset", None)
+        source = f"preset {given['preset']!r}" if preset else "the flags"
+    # A setting of the other method is a mistake to name, not to carry silently into the checkpoint.
+    allowed = set(DEFAULTS) | set(METHOD_DEFAULTS[config["method"]]) | set(DERIVED)
+    foreign = sorted(set(config) - allowed)
+    if foreign:
+        raise SystemExit(
+            f"{flag(foreign[0])}: not a setting of --method {config['method']} (from {source}); "
+            f"{', '.join(flag(key) for key in foreign)} belong to another method"
+        )
     if config.get("saliency_cache"):
         config["saliency"] = "cache"
     if "warmup_epochs" not in given and config["warmup_epochs"] >= config["epochs"]:
@@ -238,37 +303,41 @@ def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, An
 
 
 def check_config(config: dict[str, Any]) -> None:
-    def fail(flag: str, message: str) -> None:
-        raise SystemExit(f"--{flag}: {message}")
+    def fail(key: str, message: str) -> None:
+        raise SystemExit(f"{flag(key)}: {message}")
 
-    for key in ("epochs", "batch_size", "image_size", "queue_size", "moco_dim"):
-        if config[key] < 1:
-            fail(key.replace("_", "-"), f"must be at least 1, got {config[key]}")
+    for key in ("epochs", "batch_size", "image_size", "dim", "queue_size"):
+        if key in config and config[key] < 1:
+            fail(key, f"must be at least 1, got {config[key]}")
     for key in ("workers", "knn_every", "log_every"):
         if config[key] < (1 if key == "log_every" else 0):
-            fail(key.replace("_", "-"), f"must be at least {1 if key == 'log_every' else 0}, got {config[key]}")
+            fail(key, f"must be at least {1 if key == 'log_every' else 0}, got {config[key]}")
     if not 0 <= config["warmup_epochs"] < config["epochs"]:
-        fail("warmup-epochs", f"must be in [0, epochs={config['epochs']}), got {config['warmup_epochs']}")
+        fail("warmup_epochs", f"must be in [0, epochs={config['epochs']}), got {config['warmup_epochs']}")
     if config["batch_size"] % get_world_size():
-        fail("batch-size", f"{config['batch_size']} does not divide among {get_world_size()} ranks")
+        fail("batch_size", f"{config['batch_size']} does not divide among {get_world_size()} ranks")
     if config["data"] is None and config["saliency"] in ("scda", "cache") and config["image_size"] < 64:
         fail("saliency", f"{config['saliency']} needs views of at least 64 px; the synthetic run uses 'truth'")
     if config["data"] is not None and config["saliency"] == "truth":
         fail("saliency", "'truth' exists only for the synthetic data (no --data)")
     if config["saliency"] == "cache" and not config.get("saliency_cache"):
-        fail("saliency-cache", "--saliency cache needs the cache file")
+        fail("saliency_cache", "--saliency cache needs the cache file")
     if config["data"] is not None and not (Path(config["data"]) / "train").is_dir():
         fail("data", f"{config['data']} has no train/ folder (expected an ImageFolder root with train/ and val/)")
 
 
-def moco_v2_augmentation(size: int) -> v2.Compose:
-    """MoCo v2's views; the v2 transforms crop and flip a Saliency map together with its image."""
+def augmentation(method: str, size: int) -> v2.Compose:
+    """The method's views; the v2 transforms crop and flip a Saliency map together with its image.
+
+    SimCLR crops more aggressively and jitters colour twice as strongly as MoCo v2.
+    """
+    min_scale, jitter = (0.2, (0.4, 0.4, 0.4, 0.1)) if method == "moco" else (0.08, (0.8, 0.8, 0.8, 0.2))
     blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the view, odd
     return v2.Compose(
         [
-            v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),
+            v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True),
             v2.ToImage(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
             v2.RandomHorizontalFlip(),
@@ -287,7 +356,7 @@ def evaluation_transform(size: int, resize: bool) -> v2.Compose:
 
 def build_datasets(config: dict[str, Any]) -> tuple[Any, Any, Any, int]:
     """(training set of view pairs, kNN bank, kNN queries, number of classes)."""
-    views = TwoViews(moco_v2_augmentation(config["image_size"]))
+    views = TwoViews(augmentation(config["method"], config["image_size"]))
     if config["data"] is None:
         common = {"image_size": config["image_size"], "seed": config["seed"], "in_memory": True}
         train = SyntheticShapes(
@@ -325,6 +394,39 @@ def build_masker(config: dict[str, Any], device: torch.device) -> MaskedViews:
             "use --strategy mscn or none, or --no-hard-negatives"
         )
     return masker.to(device)
+
+
+def build_model(config: dict[str, Any], world_size: int, on_gpu: bool) -> torch.nn.Module:
+    """The encoder inside its method: MoCo's query and momentum encoders with the queue, or SimCLR's."""
+    encoder = build_encoder(config["arch"], small_images=config["small_images"])
+    common = {key: config[key] for key in ("dim", "temperature", "hard_negative_weight")}
+    if config["method"] == "moco":
+        return MoCo(
+            encoder,
+            queue_size=config["queue_size"],
+            momentum=config["moco_momentum"],
+            batch_norm=config["batch_norm"],
+            **common,
+        )
+    # Under DDP every rank's views are negatives for all.
+    model = SimCLR(encoder, gather_distributed=world_size > 1, **common)
+    if world_size > 1 and config["sync_batch_norm"] and on_gpu:
+        # SimCLR's batch norm sees the global batch; the converted layers keep the state-dict names.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world_size > 1 and config["sync_batch_norm"]:
+        logger.warning("SyncBatchNorm needs CUDA: on the CPU each rank normalises over its own batch")
+    return model
+
+
+def build_optimizer(config: dict[str, Any], model: torch.nn.Module) -> torch.optim.Optimizer:
+    """MoCo v2: SGD. SimCLR: LARS, which adapts each weight matrix's step to its norm (not biases and BN)."""
+    if config["method"] == "moco":
+        return torch.optim.SGD(
+            model.parameters(), lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+        )
+    return create_optimizer_v2(
+        model, "lars", lr=config["lr"], weight_decay=config["weight_decay"], momentum=config["momentum"]
+    )
 
 
 class MetricsLog:
@@ -375,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     channels_last = on_gpu if config["channels_last"] is None else config["channels_last"]
     if amp and not on_gpu:
         raise SystemExit("--amp needs a CUDA device")
-    if config["batch_norm"] == "sync" and world_size > 1 and not on_gpu:
+    if config.get("batch_norm") == "sync" and world_size > 1 and not on_gpu:
         raise SystemExit("--batch-norm sync: SyncBatchNorm needs CUDA; use shuffle on the CPU")
     # Each rank draws its own masks; items draw their augmentation from (seed, epoch, index).
     torch.manual_seed(config["seed"] + rank)
@@ -411,31 +513,19 @@ def main(argv: list[str] | None = None) -> int:
         for dataset in (bank_set, query_set)
     ]
 
-    # Model: the query encoder, its momentum copy and the queue live in one module.
     masker = build_masker(config, device)
     config["input_filter"] = masker.input_filter
     logger.info("settings: %s", json.dumps(config, sort_keys=True))
     if rank == 0:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
-    # Every rank starts from the same weights and queue (DDP broadcasts parameters, not buffers such as the
-    # queue); the ranks' own seeds take over afterwards, for their masks.
+    # Every rank starts from the same weights (and MoCo's queue: DDP broadcasts parameters, not buffers);
+    # the ranks' own seeds take over afterwards, for their masks.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config["seed"])
-        encoder = build_encoder(config["arch"], small_images=config["small_images"])
-        model = MoCo(
-            encoder,
-            dim=config["moco_dim"],
-            queue_size=config["queue_size"],
-            momentum=config["moco_momentum"],
-            temperature=config["temperature"],
-            hard_negative_weight=config["hard_negative_weight"],
-            batch_norm=config["batch_norm"],
-        ).to(device)
+        model = build_model(config, world_size, on_gpu).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
-    )
+    optimizer = build_optimizer(config, model)
     # Per-step schedule: linear warm-up, then cosine to zero over the remaining steps.
     scheduler = CosineLRScheduler(
         optimizer,
@@ -456,15 +546,15 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler if same_schedule else None, scaler=scaler
         )
         logger.info("resumed from %s at epoch %d, step %d", checkpoint["path"], start_epoch, start_step)
+    ddp_model = model
     if world_size > 1:
-        # The queue is the same on every rank (keys are gathered before enqueueing): broadcasting it at every
-        # step would copy 32 MB for nothing. Newer torch names this option forward_sync_buffers.
-        sync_option = "forward_sync_buffers" if "forward_sync_buffers" in DDP_OPTIONS else "broadcast_buffers"
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if on_gpu else None, **{sync_option: config["batch_norm"] == "sync"}
-        )
-    else:
-        ddp_model = model
+        options = {}
+        if config["method"] == "moco":
+            # The queue is the same on every rank (keys are gathered before enqueueing): broadcasting it at every
+            # step would copy 32 MB for nothing. Newer torch names this option forward_sync_buffers.
+            sync_option = "forward_sync_buffers" if "forward_sync_buffers" in DDP_OPTIONS else "broadcast_buffers"
+            options[sync_option] = config["batch_norm"] == "sync"
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None, **options)
     # An encoder trained on high-pass filtered views is evaluated on filtered images too.
     eval_filter = None
     if config["input_filter"]:
@@ -486,9 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
 
     logger.info(
-        "MoCo %s, strategy %s, saliency %s, %d images, %d steps of %d per epoch on %d rank(s), %s",
-        config["arch"], config["strategy"], config["saliency"], len(train_set), steps_per_epoch,
-        config["batch_size"], world_size, device,
+        "%s %s, strategy %s, saliency %s, %d images, %d steps of %d per epoch on %d rank(s), %s",
+        METHOD_NAMES[config["method"]], config["arch"], config["strategy"], config["saliency"], len(train_set),
+        steps_per_epoch, config["batch_size"], world_size, device,
     )  # fmt: skip
     knn_accuracy = None
     with StopSignal() as stop:
