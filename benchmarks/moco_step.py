@@ -20,7 +20,10 @@ its ``MaskedViews`` call alone, and ratios are taken within these triples (media
 - ``masking + hard negatives``: the full recipe with saliency given (on the 7 x 7 grid, or from the
   cache); the hard negatives cost one more key-encoder forward, which is the method, not the masking;
 - ``masking + online SCDA``: saliency computed in the step by ``SCDA`` on query and key views (ResNet-50
-  at 224 px as in the paper's release; EfficientNet-Lite0 at 128 px, the cheap route).
+  at 224 px as in the paper's release, and at 112 px; EfficientNet-Lite0 at 128 px, the offline route).
+
+``--only SCDA --name moco_step_scda`` times the variants whose name contains ``SCDA`` (with the
+baseline) into a section file of their own.
 
 Random weights: the cost does not depend on them.
 """
@@ -63,6 +66,12 @@ def variants(batch: int, size: int, device: torch.device) -> dict[str, tuple[Mas
         MaskedViews("high_pass", scda=SCDA(build_backbone("resnet50", weights=None)).to(device)),
         None,
     )
+    # The activation map only has to resolve the 7 x 7 grid: half the input side is a quarter of the cost.
+    reduced = SCDA(build_backbone("resnet50", weights=None), input_size=size // 2, output_size=size // 32)
+    out[f"masking (high_pass) + hard negatives + online SCDA ResNet-50 {size // 2} px"] = (
+        MaskedViews("high_pass", scda=reduced.to(device)),
+        None,
+    )
     if offline_weights_path("efficientnet_lite0") is not None:
         lite = SCDA(build_backbone("efficientnet_lite0", "imagenet"), input_size=128, output_size=size // 32)
         out["masking (high_pass) + hard negatives + online SCDA Lite0 128 px"] = (
@@ -100,6 +109,8 @@ def measure(arch: str, args: argparse.Namespace, device: torch.device) -> tuple[
     key = torch.randn(args.batch, 3, args.size, args.size, device=device)
     steps, views = {}, {}
     for name, (masker, saliency) in variants(args.batch, args.size, device).items():
+        if name != BASELINE and not all(part in name for part in args.only):
+            continue
         steps[name] = make_step(model, optimizer, masker, saliency, query, key)
         views[name] = make_views(masker, saliency, query, key)
     baseline = steps.pop(BASELINE)
@@ -181,7 +192,9 @@ def main() -> None:
     parser.add_argument("--queue", type=int, default=65536)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write results/moco_step.md")
+    parser.add_argument("--only", nargs="+", default=[], help="time only the variants whose name holds these words")
+    parser.add_argument("--name", default="moco_step", help="section file: results/<name>.md")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write results/<name>.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,7 +215,7 @@ def main() -> None:
         print(sections[-1], flush=True)
     if not args.no_write:
         command = ("python benchmarks/moco_step.py " + " ".join(sys.argv[1:])).strip()
-        print(f"wrote {write_report('moco_step', 'End to end MoCo v2 step', command, device, sections)}")
+        print(f"wrote {write_report(args.name, 'End to end MoCo v2 step', command, device, sections)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Assemble ``benchmarks/RESULTS.md`` from the section files the benchmark scripts write under ``results/``.
 
     python benchmarks/report.py                  # assemble from the existing section files
-    python benchmarks/report.py --run            # run every timing benchmark first (about 1.5 h on 2 cores)
+    python benchmarks/report.py --run            # run every timing benchmark first (about 1 h on 2 quiet cores)
     python benchmarks/report.py --run --quick    # small batches and few repeats (a few minutes)
 
 ``--run`` does not start the ablation (about 45 min of CPU): run ``python benchmarks/ablation.py`` on its
@@ -30,8 +30,9 @@ SECTIONS = [
     ("ablation", None, [], []),
     ("variance", "variance.py", [], ["--photo-images", "12", "--images", "50", "--views", "8"]),
 ]
-# Sections included when present, never run by --run (e.g. variance.py --ablation-config high_pass --name ...).
-OPTIONAL = ["variance_high_pass"]
+# Sections included when present, never run by --run (moco_step.py --only SCDA --name moco_step_scda,
+# variance.py --ablation-config high_pass --name variance_high_pass).
+OPTIONAL = ["moco_step_scda", "variance_high_pass"]
 
 HEADER = """# salmask benchmarks: results
 
