@@ -32,7 +32,8 @@ Setup (everything is a flag):
 
 Each finished run appends a line to ``results/ablation_runs.jsonl`` (a rerun of the same configuration
 and seed replaces it) and saves its encoder under ``benchmarks/.checkpoints/ablation/``;
-``results/ablation.md`` is rewritten after every run.
+``results/ablation.md`` is rewritten after every run. ``--name NAME`` keeps another budget apart:
+``results/NAME.md``, ``results/NAME_runs.jsonl`` and ``.checkpoints/NAME/``.
 """
 
 from __future__ import annotations
@@ -61,10 +62,7 @@ from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import MaskedViews, MoCo, build_encoder
 
 BENCHMARKS = Path(__file__).resolve().parent
-CHECKPOINTS = BENCHMARKS / ".checkpoints" / "ablation"
 CACHE = BENCHMARKS / ".cache"
-RUNS = RESULTS_DIR / "ablation_runs.jsonl"
-EXTRA = RESULTS_DIR / "ablation_extra.json"
 DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
 CONFIGS = ("none", "mscn", "high_pass", "blur", "mean")
 SIZE = 28
@@ -265,10 +263,11 @@ def train_one(config: str, seed: int, data: dict, args: argparse.Namespace, log)
     bank = features(encoder, eval_input(config, data["bank"]))
     queries = features(encoder, eval_input(config, data["test"]))
     top1 = knn_top1(bank, data["bank_labels"], queries, data["test_labels"])
-    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    checkpoints = paths(args.name)["checkpoints"]
+    checkpoints.mkdir(parents=True, exist_ok=True)
     torch.save(
         {"config": config, "seed": seed, "encoder": encoder.state_dict(), "projector": model.projector.state_dict()},
-        CHECKPOINTS / f"{config}_seed{seed}.pt",
+        checkpoints / f"{config}_seed{seed}.pt",
     )
     return {
         "config": config,
@@ -300,27 +299,40 @@ def references(data: dict, seeds: list[int]) -> list[list[object]]:
     return rows
 
 
-def load_runs() -> list[dict]:
+def paths(name: str) -> dict[str, Path]:
+    """Where a run named ``name`` keeps its records, references and encoders (``--name``: another budget
+    gets its own table instead of mixing with the default one)."""
+    return {
+        "runs": RESULTS_DIR / f"{name}_runs.jsonl",
+        "extra": RESULTS_DIR / f"{name}_extra.json",
+        "checkpoints": BENCHMARKS / ".checkpoints" / name,
+    }
+
+
+def load_runs(name: str) -> list[dict]:
     """The finished runs, the last record of each (configuration, seed)."""
-    if not RUNS.is_file():
+    runs_file = paths(name)["runs"]
+    if not runs_file.is_file():
         return []
     runs = {}
-    for line in RUNS.read_text().splitlines():
+    for line in runs_file.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
             runs[record["config"], record["seed"]] = record
     return sorted(runs.values(), key=lambda r: (CONFIGS.index(r["config"]), r["seed"]))
 
 
-def save_run(result: dict) -> None:
-    RUNS.parent.mkdir(parents=True, exist_ok=True)
-    with RUNS.open("a") as handle:  # one short append per run: safe with parallel seed processes
+def save_run(result: dict, name: str) -> None:
+    runs_file = paths(name)["runs"]
+    runs_file.parent.mkdir(parents=True, exist_ok=True)
+    with runs_file.open("a") as handle:  # one short append per run: safe with parallel seed processes
         handle.write(json.dumps(result) + "\n")
 
 
 def report(args: argparse.Namespace) -> None:
-    extra = json.loads(EXTRA.read_text()) if EXTRA.is_file() else {}
-    runs = load_runs()
+    extra_file = paths(args.name)["extra"]
+    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
+    runs = load_runs(args.name)
     rows = []
     for config in CONFIGS:
         scores = [r["knn_top1"] for r in runs if r["config"] == config]
@@ -363,8 +375,9 @@ def report(args: argparse.Namespace) -> None:
             f"foreground fraction {a['gamma_scda']:.3f} (SCDA) vs {a['gamma_silhouette']:.3f} (silhouette)."
         )
     command = extra.get("command", args.command)
-    write_report("ablation", "Ablation on real data", command, torch.device("cpu"), sections)
-    print(f"wrote {RESULTS_DIR / 'ablation.md'}", flush=True)
+    print(
+        f"wrote {write_report(args.name, 'Ablation on real data', command, torch.device('cpu'), sections)}", flush=True
+    )
 
 
 def main() -> None:
@@ -384,7 +397,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 per seed process)")
     parser.add_argument("--jobs", type=int, default=3, help="seeds trained in parallel, one process of one thread each")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--report-only", action="store_true", help="rebuild results/ablation.md from the runs file")
+    parser.add_argument("--name", default="ablation", help="results/<name>.md, its runs file and checkpoints")
+    parser.add_argument("--report-only", action="store_true", help="rebuild results/<name>.md from the runs file")
     args = parser.parse_args()
     args.command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
     args.command = args.command.strip()
@@ -417,7 +431,7 @@ def main() -> None:
             "command": args.command,
         }
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        EXTRA.write_text(json.dumps(extra, indent=1))
+        paths(args.name)["extra"].write_text(json.dumps(extra, indent=1))
         log(f"saliency agreement {extra['agreement']}; references {extra['references']}")
     if parallel:
         run_seed_processes(args)
@@ -426,7 +440,7 @@ def main() -> None:
     for seed in args.seeds:  # seed-major: a partial run still compares every configuration
         for config in args.configs:
             result = train_one(config, seed, data, args, log)
-            save_run(result)
+            save_run(result, args.name)
             log(f"{config} seed {seed}: kNN top-1 {result['knn_top1']:.2f} ({result['train_seconds']:.0f} s)")
             report(args)
 
@@ -436,7 +450,7 @@ def run_seed_processes(args: argparse.Namespace) -> None:
     common = ["--data", str(args.data), "--configs", *args.configs, "--steps", str(args.steps)]
     common += ["--batch", str(args.batch), "--lr", str(args.lr), "--queue", str(args.queue)]
     common += ["--train-images", str(args.train_images), "--scda-size", str(args.scda_size)]
-    common += ["--log-every", str(args.log_every), "--threads", str(args.threads or 1), "--worker"]
+    common += ["--log-every", str(args.log_every), "--threads", str(args.threads or 1), "--name", args.name, "--worker"]
     pending = list(args.seeds)
     running: list[subprocess.Popen] = []
     while pending or running:

@@ -133,7 +133,7 @@ def photos_setting(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
-    path = ablation.CHECKPOINTS / f"{args.ablation_config}_seed{args.seed}.pt"
+    path = ablation.paths("ablation")["checkpoints"] / f"{args.ablation_config}_seed{args.seed}.pt"
     if not path.is_file():
         print(f"ablation encoder skipped: {path} not found (run benchmarks/ablation.py first)")
         return None
