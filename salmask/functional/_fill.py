@@ -1,4 +1,4 @@
-"""How to mask: the fills that replace masked pixels, each one pass over the batch.
+"""How to mask: the fills that replace masked pixels, each a pass or two over the batch.
 
 Every fill takes a boolean pixel mask that broadcasts against the image (``(B, 1, H, W)`` for spatial
 masks, ``(B, C, H, W)`` for channel-wise ones) and leaves unmasked pixels bit-identical, except the

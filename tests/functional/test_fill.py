@@ -2,6 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from salmask.functional import (
     fill_blur,
@@ -55,6 +56,23 @@ def test_noise_lands_on_exactly_the_masked_elements_for_any_broadcast(seed, broa
     assert torch.equal(out[~full], original[~full])
     assert (out[full] != 0).all() and (full.sum() < 20 or out[full].std() > 0.5)
     assert (out is image) == inplace and (inplace or torch.equal(image, original))
+
+
+def test_on_the_cpu_noise_is_drawn_for_the_masked_elements_only():
+    # The CPU generator is serial: a sample per pixel would cost twenty copies of the batch.
+    image, mask = random_case(0)
+    drawn = []
+
+    class RecordDraws(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.normal_.default:
+                drawn.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    with RecordDraws():
+        fill_noise(image, mask)
+        fill_high_pass(image, mask)
+    assert drawn == [int(mask.expand_as(image).sum())] * 2
 
 
 def test_fills_put_the_right_values_in_masked_pixels():
