@@ -8,7 +8,7 @@ from salmask import data, distributed, functional, saliency, ssl
 from salmask.data import SaliencyDataset, SaliencyImageFolder, SyntheticShapes
 from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput, MomentumQueue, NTXentLoss, extend_moco_logits
 from salmask.saliency import SCDA, SaliencyCache, build_backbone, build_saliency_cache, build_scda, load_saliency_cache
-from salmask.ssl import MaskedViews, MoCo, SimCLR
+from salmask.ssl import MaskedViews, MoCo, SimCLR, ThreeViews
 from salmask.transforms import (
     RELEASE_MASK_TYPE_PROBS,
     BlurMask,
@@ -43,6 +43,7 @@ __all__ = [
     "SaliencyMask",
     "SimCLR",
     "SyntheticShapes",
+    "ThreeViews",
     "__version__",
     "build_backbone",
     "build_saliency_cache",

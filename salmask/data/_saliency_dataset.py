@@ -91,20 +91,26 @@ class SaliencyDataset(Dataset):
 
 
 class SaliencyImageFolder(SaliencyDataset):
-    """An ``ImageFolder`` whose items are ``(image, saliency)`` from a saliency cache built on ``root``.
+    """An ``ImageFolder`` whose samples come with their saliency from a cache built on ``root``.
+
+    Like ``ImageFolder``, item ``i`` is ``(sample, target)``: the sample is ``(image, saliency)``, or
+    ``transform(image, saliency)`` with a transform, and the target the class index. Pass
+    ``return_target=False`` for the sample alone.
 
     Args:
         root: ImageFolder root, the one the cache was built from.
         cache: a :class:`~salmask.saliency.SaliencyCache` or the path of a cache file.
-        transform: called as ``transform(image, saliency)`` (e.g. a v2 ``Compose``).
-        **options: ``threshold_std``, ``largest_component``, ``return_target`` as in
-            :class:`SaliencyDataset`; ``loader`` and ``is_valid_file`` go to ``ImageFolder``.
+        transform: called as ``transform(image, saliency)`` (e.g. a v2 ``Compose``, or a multi-view
+            transform such as :class:`~salmask.ssl.ThreeViews`).
+        return_target: return ``(sample, target)`` as ``ImageFolder`` does; ``False`` returns the sample.
+        **options: ``threshold_std`` and ``largest_component`` as in :class:`SaliencyDataset`; ``loader``
+            and ``is_valid_file`` go to ``ImageFolder``.
 
     Example:
         >>> from torchvision.transforms import v2
         >>> augment = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip()])
         >>> # dataset = SaliencyImageFolder("train", "train-saliency.pt", transform=augment)
-        >>> # image, saliency = dataset[0]
+        >>> # (image, saliency), target = dataset[0]
     """
 
     def __init__(
@@ -112,9 +118,15 @@ class SaliencyImageFolder(SaliencyDataset):
         root: str | os.PathLike[str],
         cache: SaliencyCache | str | os.PathLike[str],
         transform: Callable[..., Any] | None = None,
+        *,
+        return_target: bool = True,
         **options: Any,
     ) -> None:
         from torchvision.datasets import ImageFolder
 
+        if not isinstance(return_target, bool):
+            raise TypeError(f"return_target must be a bool, got {type(return_target).__name__}")
         folder_options = {key: options.pop(key) for key in ("loader", "is_valid_file") if key in options}
-        super().__init__(ImageFolder(os.fspath(root), **folder_options), cache, transform, **options)
+        super().__init__(
+            ImageFolder(os.fspath(root), **folder_options), cache, transform, return_target=return_target, **options
+        )

@@ -35,6 +35,7 @@ from salmask.ssl._encoders import RESNETS, build_encoder, feature_dim_of, projec
 from salmask.ssl._knn import extract_features, knn_predict, knn_top1
 from salmask.ssl._moco import BATCH_NORM_MODES, MoCo, batch_shuffle, batch_unshuffle
 from salmask.ssl._simclr import SimCLR
+from salmask.ssl._three_views import ThreeViews, ThreeViewsOutput
 from salmask.ssl._views import STRATEGIES, MaskedViews, MaskedViewsOutput, TwoViews
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "SeededDataset",
     "SimCLR",
     "StopSignal",
+    "ThreeViews",
+    "ThreeViewsOutput",
     "TwoViews",
     "batch_shuffle",
     "batch_unshuffle",

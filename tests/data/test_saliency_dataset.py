@@ -49,11 +49,14 @@ def bright(image: torch.Tensor) -> torch.Tensor:
     return image.float().mean(dim=0) > 127
 
 
-def test_items_are_image_and_full_size_saliency(dataset_root: tuple[Path, Path]) -> None:
+def test_items_are_image_and_full_size_saliency_with_the_target_as_in_image_folder(
+    dataset_root: tuple[Path, Path],
+) -> None:
     root, cache = dataset_root
     dataset = SaliencyImageFolder(root, cache)
     assert len(dataset) == 8
-    image, saliency = dataset[3]
+    (image, saliency), target = dataset[3]
+    assert target == ImageFolder(root)[3][1] == 0 and dataset[7][1] == 1
     assert isinstance(image, Image.Image)
     assert isinstance(saliency, Saliency) and saliency.shape == (HEIGHT, WIDTH) and saliency.dtype == torch.bool
     assert torch.equal(saliency.as_subclass(torch.Tensor), bright(v2.functional.pil_to_tensor(image)))
@@ -73,7 +76,7 @@ def test_random_resized_crop_and_flip_move_the_map_with_the_image(dataset_root: 
     torch.manual_seed(0)
     for _ in range(3):
         for index in range(len(dataset)):
-            image, saliency = dataset[index]
+            (image, saliency), _ = dataset[index]
             assert isinstance(saliency, Saliency) and saliency.shape == (64, 64)
             # Nearest resampling on both sides: the crop of the map is the crop of the bright region.
             assert torch.equal(saliency.as_subclass(torch.Tensor), bright(image))
@@ -96,7 +99,7 @@ def test_two_views_batched_through_a_dataloader_into_the_masking_transform(
     def two_views(image, saliency):
         return crop(image, saliency), crop(image, saliency)
 
-    dataset = SaliencyImageFolder(root, cache, transform=two_views, return_target=True)
+    dataset = SaliencyImageFolder(root, cache, transform=two_views)
     loader = DataLoader(dataset, batch_size=4, shuffle=False)
     (query, key), targets = next(iter(loader))
     query_images, query_saliency = query
@@ -128,3 +131,11 @@ def test_wraps_any_dataset_and_checks_it_matches(dataset_root: tuple[Path, Path]
     shuffled.samples = shuffled.samples[::-1]
     with pytest.raises(SaliencyCacheError, match="entry 0"):
         SaliencyDataset(shuffled, cache)
+
+
+def test_the_target_can_be_left_out(dataset_root: tuple[Path, Path]) -> None:
+    root, cache = dataset_root
+    image, saliency = SaliencyImageFolder(root, cache, return_target=False)[3]
+    assert isinstance(image, Image.Image) and isinstance(saliency, Saliency)
+    with pytest.raises(TypeError, match="return_target must be a bool"):
+        SaliencyImageFolder(root, cache, return_target="yes")
