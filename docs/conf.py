@@ -28,6 +28,7 @@ from sphinx.pycode import ModuleAnalyzer
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS / "_ext"))
 
 import salmask  # noqa: E402
 
@@ -40,10 +41,12 @@ version = release
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_parser",
+    "mathml",
 ]
+# Math is written as MathML when the site is built (docs/_ext/mathml.py): pages need no script from a CDN.
+html_math_renderer = "mathml"
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"

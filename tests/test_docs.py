@@ -32,7 +32,8 @@ DOCS = ROOT / "docs"
 # Languages a fenced block may carry (none: plain text). Python runs only under the name "python", so that
 # no block escapes the test under another spelling.
 SHELL_LANGUAGES = {"bash", "console", "shell", "sh"}
-OTHER_LANGUAGES = {"", "text", "yaml", "toml", "ini", "diff", "{toctree}", "{include}", "{eval-rst}"}
+OTHER_LANGUAGES = {"", "text", "yaml", "toml", "ini", "diff"}
+OTHER_LANGUAGES |= {"{toctree}", "{include}", "{literalinclude}", "{eval-rst}"}
 SKIP_MARKERS = (
     re.compile(r"^%\s*skip-test:\s*(\S.*)$"),
     re.compile(r"^<!--\s*skip-test:\s*(\S.*?)\s*-->$"),
@@ -253,7 +254,7 @@ def _docs_required() -> bool:
 
 @pytest.fixture(scope="module")
 def built_site(tmp_path_factory):
-    for module in ("sphinx", "furo", "myst_parser"):
+    for module in ("sphinx", "furo", "myst_parser", "latex2mathml"):
         if importlib.util.find_spec(module) is None:
             if _docs_required():
                 pytest.fail(f"{module} is missing although the test extra includes salmask[docs]")
@@ -269,6 +270,32 @@ def built_site(tmp_path_factory):
 def test_site_builds_without_warnings(built_site):
     assert (built_site / "index.html").is_file()
     assert (built_site / "_images" / "masking.png").is_file(), "the gallery's figures are missing"
+
+
+def test_math_is_mathml_in_the_page_with_no_script_from_the_network(built_site):
+    source = (DOCS / "concepts.md").read_text()
+    formulas = re.findall(r"\$\$.+?\$\$|\$[^$\n]+\$", source, flags=re.S)
+    page = (built_site / "concepts.html").read_text()
+    assert len(formulas) >= 10 and page.count("<math ") == len(formulas)
+    assert "\\frac" not in page and "$$" not in page, "raw LaTeX left on the page"
+    for html in built_site.rglob("*.html"):
+        sources = re.findall(r"<script[^>]*\ssrc=\"([^\"]+)\"", html.read_text())
+        remote = [source for source in sources if re.match(r"(https?:)?//", source)]
+        assert not remote, f"{html.relative_to(built_site)} loads {remote}"
+
+
+def test_the_math_renderer_refuses_latex_it_cannot_convert():
+    if importlib.util.find_spec("latex2mathml") is None and not _docs_required():
+        pytest.skip("latex2mathml is not installed (pip install -e '.[docs]')")
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        mathml = importlib.import_module("mathml")
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    block = mathml.latex_to_mathml(r"\frac{a}{b} \cdot \rho", display=True)
+    assert block.startswith("<math") and 'display="block"' in block and "<mfrac>" in block
+    with pytest.raises(mathml.UnsupportedLatexError, match="notacommand"):
+        mathml.latex_to_mathml(r"x \notacommand y", display=False)
 
 
 def test_api_reference_documents_every_public_name(built_site):
