@@ -49,7 +49,8 @@ def visit_math(translator: HTML5Translator, node: nodes.math) -> None:
 
 
 def visit_displaymath(translator: HTML5Translator, node: nodes.math_block) -> None:
-    translator.body.append(translator.starttag(node, "div", CLASS="math"))
+    # A block <math> has vertical margins of its own; the theme's scrolling container would show a bar for them.
+    translator.body.append(translator.starttag(node, "div", CLASS="math", style="overflow-y: hidden"))
     if node.get("number"):
         translator.body.append(f'<span class="eqno">({node["number"]})</span>')
     translator.body.append(_render(translator, node, display=True))
