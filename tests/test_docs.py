@@ -244,12 +244,28 @@ def test_shell_commands_name_existing_scripts_and_options():
 # The site
 
 
+def _includes_extra(extras: dict[str, list[str]], extra: str, wanted: str, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether ``extra`` pulls in ``wanted`` through ``salmask[...]`` requirements, directly or not."""
+    for requirement in extras.get(extra, []):
+        match = re.match(r"\s*salmask\[([^\]]+)\]", requirement)
+        for name in (part.strip() for part in match.group(1).split(",")) if match else ():
+            if name == wanted or (name not in seen and _includes_extra(extras, name, wanted, seen | {extra})):
+                return True
+    return False
+
+
 def _docs_required() -> bool:
-    """The docs tools are part of the test extra once it includes ``salmask[docs]``: then a missing tool is
-    an installation error, not a reason to skip."""
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    test_extra = re.search(r"^test\s*=\s*\[(.*?)\]", pyproject, flags=re.S | re.M)
-    return bool(test_extra) and "salmask[docs]" in test_extra.group(1)
+    """The docs tools are part of the test extra once it includes ``docs`` (``salmask[...,docs,...]``): then
+    a missing tool is an installation error, not a reason to skip."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return _includes_extra(extras, "test", "docs")
+
+
+def test_the_test_extra_requires_the_docs_tools():
+    assert _docs_required()
+    assert _includes_extra({"a": ["salmask[b, c]"], "c": ["salmask[docs]"]}, "a", "docs")
+    assert not _includes_extra({"a": ["salmask[b]"], "b": ["salmask[a]", "x[docs]"]}, "a", "docs")
 
 
 @pytest.fixture(scope="module")
