@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     trained = checkpoint["config"]
     encoder = pretrained_encoder(checkpoint).to(device)
-    input_filter = input_filter_of(trained) if args.input_filter is None else None
-    if args.input_filter:
-        input_filter = input_filter_of(trained) or input_filter_of({"strategy": "high_pass"})
+    input_filter = input_filter_of(trained, enabled=args.input_filter)
     if input_filter is not None:
         logger.info("applying %r to every input (pretraining strategy %r)", input_filter, trained.get("strategy"))
 

@@ -261,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = pretrained_encoder(pretraining)
     trained = pretraining["config"]
     recorded_filter = input_filter_of(trained)
-    input_filter = recorded_filter if config["input_filter"] is None else None
-    if config["input_filter"] is True:
-        input_filter = recorded_filter or input_filter_of({"strategy": "high_pass"})
+    input_filter = input_filter_of(trained, enabled=config["input_filter"])
     if input_filter is not None:
         logger.info(
             "applying %r to every input: the encoder was pretrained with strategy %r on high-pass filtered views",

@@ -73,7 +73,7 @@ def main() -> None:
     columns = {
         "high-pass": (HighPassMask(ratio=0.25, mask_type_probs=spatial, generator=generator), True),
         "high-pass hard neg.": (
-            HardNegativeMask("high_pass", ratio=0.7, mask_type_probs=spatial, generator=generator),
+            HighPassMask(ratio=0.7, hard_negative=True, mask_type_probs=spatial, generator=generator),
             True,
         ),
         "strong blur": (BlurMask(ratio=0.25, generator=generator), False),

@@ -46,7 +46,6 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from salmask import HighPassFilter
 from salmask.data import SaliencyImageFolder, SyntheticShapes
 from salmask.distributed import get_rank, get_world_size, init_distributed
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_scda
@@ -63,8 +62,10 @@ from salmask.ssl import (
     TwoViews,
     build_encoder,
     finite_or_raise,
+    input_filter_of,
     knn_top1,
     load_checkpoint,
+    record_input_filter,
     restore_training_state,
     save_checkpoint,
     training_state,
@@ -514,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     masker = build_masker(config, device)
-    config["input_filter"] = masker.input_filter
+    config["input_filter"] = record_input_filter(masker.input_filter)
     logger.info("settings: %s", json.dumps(config, sort_keys=True))
     if rank == 0:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
@@ -556,9 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             options[sync_option] = config["batch_norm"] == "sync"
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None, **options)
     # An encoder trained on high-pass filtered views is evaluated on filtered images too.
-    eval_filter = None
-    if config["input_filter"]:
-        eval_filter = HighPassFilter(config["input_filter"]["kernel_size"], config["input_filter"]["sigma"])
+    eval_filter = input_filter_of(config)
     metrics = MetricsLog(output_dir, enabled=rank == 0)
 
     def save(epoch: int, step: int, record: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from PIL import Image as PILImage
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -77,8 +78,8 @@ def test_params_can_be_read_back_and_replayed():
     saliency = object_saliency(4)
     first = transform(images, saliency)[0]
     params = transform.last_params
-    assert set(params) >= {"mask", "patch_mask", "ratio", "mask_type", "valid", "foreground"}
-    replayed = transform(images, saliency, params=params)[0]
+    assert set(params) == {"patch_mask", "ratio", "mask_type", "applied", "valid", "foreground"}
+    replayed = transform.transform(images, params)
     assert torch.equal(first, replayed)
 
 
@@ -97,14 +98,16 @@ def test_strategies_fill_as_named():
         (SaliencyMask("constant", 0.5, fill_options={"value": -1.0}), torch.full_like(image, -1.0)),
     ]:
         out = transform(image, saliency)[0]
-        mask = transform.last_params["mask"].expand_as(image)
+        mask = transform.pixel_mask(transform.last_params, (224, 224)).expand_as(image)
         assert torch.equal(out[mask], expected[mask]) and torch.equal(out[~mask], image[~mask])
 
 
 def test_high_pass_mask_defaults_follow_the_release():
-    positive, negative = HighPassMask(), HardNegativeMask()
-    assert positive.mask_type_probs == RELEASE_MASK_TYPE_PROBS and positive.fill_options["noise_std"] == 0.18
-    assert negative.fill_options["noise_std"] == 0.14 and negative.ratio == (0.4, 0.7)
+    positive, negative = HighPassMask(), HighPassMask(hard_negative=True)
+    assert positive.mask_type_probs == RELEASE_MASK_TYPE_PROBS and positive.fill_options["std"] == 0.18
+    assert negative.fill_options["std"] == 0.14 and negative.ratio == (0.4, 0.7)
+    assert HardNegativeMask().ratio == (0.4, 0.7)
+    assert (positive.input_filter.kernel_size, positive.input_filter.sigma) == (11, 5.0)
     assert BlurMask().mask_type_probs == {"spatial": 1.0}
     assert SaliencyMask().ratio == (0.05, 0.25)
 
@@ -143,7 +146,7 @@ def test_uint8_images_where_the_fill_allows_it():
     image = tv_tensors.Image(torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8))
     assert MeanFillMask()(image).dtype == torch.uint8
     assert BlurMask()(image).dtype == torch.uint8
-    with pytest.raises(TypeError, match="float image"):
+    with pytest.raises(TypeError, match="float tensor for the high-pass filter"):
         HighPassMask()(image)
 
 
@@ -172,12 +175,13 @@ def test_high_pass_filter_transform():
 @pytest.mark.parametrize(
     ("make", "error", "message"),
     [
-        (lambda: SaliencyMask("cutout"), ValueError, "strategy must be one of"),
+        (lambda: SaliencyMask("cutout"), ValueError, "fill must be one of"),
+        (lambda: SaliencyMask("high_pass"), ValueError, "a recipe, not a fill"),
         (lambda: SaliencyMask(ratio=(0.5, 0.2)), ValueError, "reversed"),
         (lambda: SaliencyMask(ratio=1.2), ValueError, "ratio must lie in"),
         (lambda: SaliencyMask(p=2.0), ValueError, "p must be a probability"),
         (lambda: BlurMask(kernel_size=30), ValueError, "kernel_size must be a positive odd int"),
-        (lambda: MeanFillMask(fill_options={"sigma": 3.0}), ValueError, "do not apply to strategy"),
+        (lambda: MeanFillMask(fill_options={"sigma": 3.0}), ValueError, "do not apply to fill"),
         (lambda: SaliencyMask(saliency_threshold=0.0), ValueError, "saliency_threshold"),
         (lambda: HighPassFilter(sigma=-1.0), ValueError, "sigma"),
     ],
@@ -209,5 +213,85 @@ def test_bad_inputs_are_rejected_with_the_argument_named():
         transform(torch.rand(3, 64, 64), object_saliency(size=64), object_saliency(size=64))
 
 
-def test_extra_repr_names_the_strategy():
-    assert "strategy=blur" in repr(BlurMask())
+def test_extra_repr_names_the_fill():
+    assert "fill=blur" in repr(BlurMask())
+
+
+ALL_TRANSFORMS = [SaliencyMask, HighPassMask, BlurMask, MeanFillMask, HardNegativeMask, HighPassFilter]
+
+
+@pytest.mark.parametrize("make", ALL_TRANSFORMS, ids=lambda make: make.__name__)
+def test_transforms_run_on_meta_tensors_with_their_defaults(make):
+    # Meta tensors have shapes and no values: the value check is skipped and nothing is read on the host.
+    images = torch.empty(16, 3, 224, 224, device="meta")
+    saliency = Saliency(torch.empty(16, 7, 7, dtype=torch.bool, device="meta"))
+    masked, _ = make()(images, saliency)
+    assert masked.device.type == "meta" and masked.shape == images.shape
+
+
+def test_the_draws_kept_are_small_tensors_not_pixel_masks():
+    transform = HighPassMask()  # channel-wise sets and focal windows: the largest draws
+    transform(torch.empty(256, 3, 224, 224, device="meta"), Saliency(torch.empty(256, 7, 7, device="meta")))
+    params = transform.last_params
+    assert sum(value.nbytes for value in params.values()) <= 2**20
+    assert all(value.shape[-2:] != (224, 224) for value in params.values())
+    pixels = transform.pixel_mask(params, (224, 224))
+    assert pixels.shape == (256, 3, 224, 224) and pixels.dtype == torch.bool
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make",
+    [SaliencyMask, HighPassMask, BlurMask, MeanFillMask, lambda: SaliencyMask("constant", 0.5), HighPassFilter],
+    ids=["SaliencyMask", "HighPassMask", "BlurMask", "MeanFillMask", "constant", "HighPassFilter"],
+)
+def test_transforms_compile_as_one_graph_on_a_batch(make):
+    torch._dynamo.reset()
+    transform = make()
+    compiled = torch.compile(transform, fullgraph=True)
+    images = torch.rand(4, 3, 64, 64)
+    out = compiled(images)
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    if isinstance(transform, SaliencyMask):
+        assert transform.last_params["patch_mask"].shape[:2] in ((4, 1), (4, 3))
+
+
+class FullImagePasses(TorchDispatchMode):
+    """Counts the operators that read a tensor with as many elements as the image (a pass over it)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        self.count += any(t.numel() == self.numel for t in tensors)
+        return func(*args, **(kwargs or {}))
+
+
+def passes(transform, images):
+    with FullImagePasses(images.numel()) as counter:
+        transform(images)
+    return counter.count
+
+
+def test_the_default_value_check_is_one_cheap_pass():
+    images = torch.rand(4, 3, 64, 64)
+    generator = torch.Generator()
+    # One more pass than without the check; none for the mean fill, which reuses the check's sums.
+    blur = passes(BlurMask(generator=generator), images) - passes(
+        BlurMask(generator=generator, check_values=False), images
+    )
+    mean = passes(MeanFillMask(), images) - passes(MeanFillMask(check_values=False), images)
+    assert (blur, mean) == (1, 0)
+
+
+def test_the_value_check_rejects_nan_and_inf_and_nothing_else():
+    huge = torch.full((2, 3, 64, 64), 3e38)  # finite, but its sum overflows
+    assert MeanFillMask()(huge).shape == huge.shape
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        images = torch.rand(2, 3, 64, 64)
+        images[1, 2, 3, 4] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            BlurMask()(images)
+        assert MeanFillMask(check_values=False)(images).shape == images.shape

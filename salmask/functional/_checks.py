@@ -43,7 +43,8 @@ def check_ratio(ratio: float | Sequence[float], name: str = "ratio") -> tuple[fl
         low, high = float(ratio[0]), float(ratio[1])
     else:
         raise TypeError(f"{name} must be a number or a (low, high) pair of numbers, got {ratio!r}")
-    if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low <= 1.0 and 0.0 <= high <= 1.0):
+    # Comparisons alone (they reject nan and inf too) also hold for the symbolic floats of torch.compile.
+    if not (0.0 <= low <= 1.0 and 0.0 <= high <= 1.0):
         raise ValueError(f"{name} must lie in [0, 1], got {ratio!r}")
     if low > high:
         raise ValueError(f"{name} range is reversed: low {low} > high {high}")
@@ -89,5 +90,33 @@ def check_mask(mask: Tensor, image: Tensor) -> None:
 def check_kernel(kernel_size: int, sigma: float, name: str = "kernel_size") -> None:
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"{name} must be a positive odd int, got {kernel_size!r}")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+    if not (isinstance(sigma, (int, float)) and 0 < sigma < math.inf):
         raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+
+
+def values_readable(tensor: Tensor) -> bool:
+    """Whether a check may read ``tensor``'s values: not a meta tensor, not while torch.compile or FX trace."""
+    if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
+    return tensor.device.type != "meta"
+
+
+def check_finite_image(image: Tensor, sums: Tensor | None = None, name: str = "image") -> None:
+    """Reject an image with NaN or infinite values, in one reading pass over it (or none, given its ``sums``).
+
+    ``sums`` are any sums that cover every value of the image, e.g. the per-channel sums a mean fill needs.
+    """
+    if not image.is_floating_point():
+        return
+    # A sum is non-finite when any of its terms is, and reads the image at memory speed without a mask the
+    # size of the image; only a sum that overflowed from finite values needs the exact test.
+    sums = image.sum() if sums is None else sums
+    if bool(torch.isfinite(sums).all()) or bool(torch.isfinite(image).all()):
+        return
+    raise ValueError(f"{name} has non-finite values (nan or inf)")
+
+
+def check_saliency_scores(saliency: Tensor) -> None:
+    """Float saliency scores must lie in ``[0, 1]``."""
+    if saliency.is_floating_point() and not bool(((saliency >= 0) & (saliency <= 1)).all()):
+        raise ValueError("saliency scores must lie in [0, 1] (and be finite); threshold raw maps first")

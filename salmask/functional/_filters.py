@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from salmask._defaults import HIGH_PASS_KERNEL_SIZE, HIGH_PASS_SIGMA
 from salmask.functional._checks import check_image, check_kernel
 
 __all__ = ["gaussian_blur", "high_pass"]
@@ -71,7 +72,7 @@ def gaussian_blur(image: Tensor, kernel_size: int, sigma: float) -> Tensor:
     return blurred.to(image.dtype)
 
 
-def high_pass(image: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
+def high_pass(image: Tensor, kernel_size: int = HIGH_PASS_KERNEL_SIZE, sigma: float = HIGH_PASS_SIGMA) -> Tensor:
     """High-pass filter: the image minus its Gaussian blur.
 
     The filter that hides the parasitic edges of masking in the high-pass strategy. An encoder pretrained

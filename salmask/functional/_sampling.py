@@ -15,6 +15,7 @@ from salmask.functional._checks import check_ratio
 
 __all__ = [
     "MASK_TYPES",
+    "draw_focal_windows",
     "draw_mask_types",
     "draw_ratios",
     "focal_window_mask",
@@ -211,38 +212,35 @@ def draw_mask_types(
     return torch.bucketize(draws, boundaries, right=True).expand(batch_size)
 
 
-def focal_window_mask(
+def draw_focal_windows(
     batch_size: int,
     image_size: tuple[int, int],
     window_fraction: float,
     *,
-    keep_window: bool,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
     same_on_batch: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Focal masks: a randomly placed window that is kept (positives) or filled (hard negatives).
+) -> Tensor:
+    """Draw one focal window per image, uniformly among the positions that fit in the image.
 
-    The window's sides are ``window_fraction`` of the image's (the release's 200/224 to keep, 130/224 to
-    fill, so the windows scale with the view).
+    The window's sides are ``window_fraction`` of the image's (the release keeps a 200/224 window of a
+    positive and fills a 130/224 window of a hard negative, so the windows scale with the view);
+    :func:`focal_window_mask` renders them.
 
     Args:
         batch_size: number of images.
         image_size: ``(H, W)``.
         window_fraction: window side as a fraction of the image side, in ``(0, 1]``.
-        keep_window: ``True`` masks everything outside the window; ``False`` masks the window.
-        device: where the masks live.
+        device: where the windows live.
         generator: source of randomness.
         same_on_batch: one window for every image.
 
     Returns:
-        ``(mask, window)``: the ``(B, 1, H, W)`` boolean pixel mask and the ``(B, 4)`` int64 windows as
-        ``(top, left, height, width)``.
+        ``(B, 4)`` int64 windows as ``(top, left, height, width)``.
 
     Example:
-        >>> mask, window = focal_window_mask(1, (224, 224), 130 / 224, keep_window=False)
-        >>> int(mask.sum()), window[0, 2:].tolist()
-        (16900, [130, 130])
+        >>> draw_focal_windows(2, (224, 224), 130 / 224)[:, 2:].tolist()
+        [[130, 130], [130, 130]]
     """
     if not 0.0 < window_fraction <= 1.0:
         raise ValueError(f"focal window fraction must be in (0, 1], got {window_fraction}")
@@ -253,15 +251,36 @@ def focal_window_mask(
     draws = _rand((1 if same_on_batch else batch_size, 2), device, generator).expand(batch_size, 2)
     top = (draws[:, 0] * (height - window_height + 1)).long().clamp(max=height - window_height)
     left = (draws[:, 1] * (width - window_width + 1)).long().clamp(max=width - window_width)
-    rows = torch.arange(height, device=device)[None, :]
-    cols = torch.arange(width, device=device)[None, :]
-    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + window_height)
-    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + window_width)
+    sizes = torch.tensor([window_height, window_width], device=device).expand(batch_size, 2)
+    return torch.cat([top[:, None], left[:, None], sizes], dim=1)
+
+
+def focal_window_mask(window: Tensor, image_size: tuple[int, int], *, keep_window: bool) -> Tensor:
+    """Render focal windows as pixel masks: everything outside the window (positives) or the window itself.
+
+    Args:
+        window: ``(B, 4)`` int64 windows as ``(top, left, height, width)``, e.g. from
+            :func:`draw_focal_windows`.
+        image_size: ``(H, W)``.
+        keep_window: ``True`` masks everything outside the window; ``False`` masks the window.
+
+    Returns:
+        ``(B, 1, H, W)`` boolean pixel mask.
+
+    Example:
+        >>> window = torch.tensor([[2, 3, 4, 5]])
+        >>> int(focal_window_mask(window, (16, 16), keep_window=False).sum())
+        20
+    """
+    height, width = image_size
+    top, left, window_height, window_width = window.unbind(-1)
+    rows = torch.arange(height, device=window.device)[None, :]
+    cols = torch.arange(width, device=window.device)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + window_height)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + window_width)[:, None])
     # Negate the small per-row and per-column vectors, not the (B, H, W) mask: one pass over the pixels.
     if keep_window:
         mask = ~in_rows[:, :, None] | ~in_cols[:, None, :]
     else:
         mask = in_rows[:, :, None] & in_cols[:, None, :]
-    sizes = torch.tensor([window_height, window_width], device=device).expand(batch_size, 2)
-    window = torch.cat([top[:, None], left[:, None], sizes], dim=1)
-    return mask[:, None], window
+    return mask[:, None]

@@ -52,6 +52,7 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict_checked",
     "pretrained_encoder",
+    "record_input_filter",
     "restore_training_state",
     "save_checkpoint",
     "set_rng_state",
@@ -450,18 +451,43 @@ def pretrained_encoder(checkpoint: Mapping[str, Any]) -> nn.Module:
     return encoder
 
 
-def input_filter_of(config: Mapping[str, Any]) -> HighPassFilter | None:
+def record_input_filter(input_filter: HighPassFilter | None) -> dict[str, Any] | None:
+    """The record of the filter every view went through, to store in a run's ``config["input_filter"]``.
+
+    The one format of the record, read back by :func:`input_filter_of`: plain values, so that it survives
+    ``torch.load(weights_only=True)`` and YAML.
+
+    Args:
+        input_filter: the filter, e.g. :attr:`MaskedViews.input_filter <salmask.ssl.MaskedViews>`, or ``None``.
+
+    Example:
+        >>> from salmask import HighPassFilter
+        >>> from salmask.ssl import record_input_filter
+        >>> record_input_filter(HighPassFilter(7, 2.0))
+        {'name': 'high_pass', 'kernel_size': 7, 'sigma': 2.0}
+    """
+    if input_filter is None:
+        return None
+    if not isinstance(input_filter, HighPassFilter):
+        raise TypeError(f"input_filter must be a HighPassFilter or None, got {type(input_filter).__name__}")
+    return {"name": "high_pass", "kernel_size": input_filter.kernel_size, "sigma": input_filter.sigma}
+
+
+def input_filter_of(config: Mapping[str, Any], *, enabled: bool | None = None) -> HighPassFilter | None:
     """The filter the encoder's inputs went through in pretraining, to apply to its inputs downstream.
 
     An encoder pretrained with the high-pass recipe (strategies ``"high_pass"`` and ``"mscn"``) has only
-    seen high-pass filtered views; it must be evaluated on filtered images. The pretraining scripts record
-    the filter as ``config["input_filter"]``; older configurations are read from their ``strategy``.
+    seen high-pass filtered views; it must be evaluated on filtered images. The pretraining script records
+    the filter with :func:`record_input_filter` as ``config["input_filter"]``; older configurations are
+    read from their ``strategy``.
 
     Args:
         config: the checkpoint's ``config``.
+        enabled: ``None`` for the recorded filter; ``True`` to filter in any case (with the recorded filter,
+            else the release's); ``False`` for none.
 
     Returns:
-        A :class:`~salmask.HighPassFilter` with the recorded kernel, or ``None`` for unfiltered inputs.
+        A :class:`~salmask.HighPassFilter`, or ``None`` for unfiltered inputs.
 
     Example:
         >>> from salmask.ssl import input_filter_of
@@ -469,15 +495,21 @@ def input_filter_of(config: Mapping[str, Any]) -> HighPassFilter | None:
         HighPassFilter(kernel_size=11, sigma=5.0)
         >>> input_filter_of({"strategy": "blur", "input_filter": None}) is None
         True
+        >>> input_filter_of({"strategy": "blur", "input_filter": None}, enabled=True)
+        HighPassFilter(kernel_size=11, sigma=5.0)
     """
+    if enabled is False:
+        return None
     if "input_filter" in config:
         recorded = config["input_filter"]
-        if recorded is None:
-            return None
-        if recorded.get("name") != "high_pass":
+        if recorded is not None and recorded.get("name") != "high_pass":
             raise CheckpointError(f"unknown input filter {recorded!r} recorded in the checkpoint")
-        return HighPassFilter(recorded["kernel_size"], recorded["sigma"])
-    return HighPassFilter() if config.get("strategy") in ("high_pass", "mscn") else None
+        input_filter = None if recorded is None else HighPassFilter(recorded["kernel_size"], recorded["sigma"])
+    else:
+        input_filter = HighPassFilter() if config.get("strategy") in ("high_pass", "mscn") else None
+    if enabled and input_filter is None:
+        return HighPassFilter()
+    return input_filter
 
 
 class StopSignal:

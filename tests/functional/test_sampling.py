@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from salmask.functional import (
+    draw_focal_windows,
     draw_mask_types,
     draw_ratios,
     focal_window_mask,
@@ -162,9 +163,8 @@ def test_mask_types_follow_their_probabilities():
 @pytest.mark.parametrize(("fraction", "keep"), [(200 / 224, True), (130 / 224, False)])
 @pytest.mark.parametrize("image_size", [(224, 224), (96, 128), (7, 9)])
 def test_focal_windows_scale_with_the_view_and_stay_inside_it(fraction, keep, image_size):
-    mask, window = focal_window_mask(
-        50, image_size, fraction, keep_window=keep, generator=torch.Generator().manual_seed(0)
-    )
+    window = draw_focal_windows(50, image_size, fraction, generator=torch.Generator().manual_seed(0))
+    mask = focal_window_mask(window, image_size, keep_window=keep)
     height, width = image_size
     window_area = round(height * fraction) * round(width * fraction)
     masked = mask.flatten(1).sum(1)
