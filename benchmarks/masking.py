@@ -57,10 +57,10 @@ def strategies() -> dict[str, dict]:
         "hard negative (high-pass)": {
             "recipe": "high_pass",
             "hard_negative": True,
-            "ratio": (0.4, 0.7),
+            "mask_ratio": (0.4, 0.7),
             "mask_type_probs": RELEASE_MASK_TYPE_PROBS,
         },
-        "hard negative (blur)": {"fill": "blur", "hard_negative": True, "ratio": (0.4, 0.7)},
+        "hard negative (blur)": {"fill": "blur", "hard_negative": True, "mask_ratio": (0.4, 0.7)},
     }
 
 

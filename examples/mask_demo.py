@@ -71,16 +71,16 @@ def main() -> None:
     # The upper end of each ratio range, so the masks are easy to see.
     spatial = {"spatial": 1.0}
     columns = {
-        "high-pass": (HighPassMask(ratio=0.25, mask_type_probs=spatial, generator=generator), True),
+        "high-pass": (HighPassMask(mask_ratio=0.25, mask_type_probs=spatial, generator=generator), True),
         "high-pass hard neg.": (
-            HighPassMask(ratio=0.7, hard_negative=True, mask_type_probs=spatial, generator=generator),
+            HighPassMask(mask_ratio=0.7, hard_negative=True, mask_type_probs=spatial, generator=generator),
             True,
         ),
-        "strong blur": (BlurMask(ratio=0.25, generator=generator), False),
-        "blur hard neg.": (HardNegativeMask("blur", ratio=0.7, generator=generator), False),
-        "mean fill": (MeanFillMask(ratio=0.25, generator=generator), False),
-        "mean hard neg.": (HardNegativeMask("mean", ratio=0.7, generator=generator), False),
-        "MSCN (random)": (HighPassMask(ratio=0.25, mask_type_probs=spatial, generator=generator), True),
+        "strong blur": (BlurMask(mask_ratio=0.25, generator=generator), False),
+        "blur hard neg.": (HardNegativeMask("blur", mask_ratio=0.7, generator=generator), False),
+        "mean fill": (MeanFillMask(mask_ratio=0.25, generator=generator), False),
+        "mean hard neg.": (HardNegativeMask("mean", mask_ratio=0.7, generator=generator), False),
+        "MSCN (random)": (HighPassMask(mask_ratio=0.25, mask_type_probs=spatial, generator=generator), True),
     }
     outputs = {}
     for title, (transform, _) in columns.items():

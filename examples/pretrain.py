@@ -8,7 +8,7 @@ at 32 px on the CPU for a few minutes and prints the kNN top-1 of the result::
 
 On an ImageFolder dataset (``train/`` and ``val/`` subfolders), with a preset reproducing a run of the
 paper (the preset names its method), on 4 GPUs, with saliency from a cache built by
-``python -m salmask.saliency.cache``::
+``python -m salmask.saliency.build_cache``::
 
     torchrun --nproc_per_node=4 examples/pretrain.py --preset in100_moco_high_pass \\
         --data /datasets/imagenet100 --saliency-cache imagenet100-train-saliency.pt
@@ -385,7 +385,10 @@ def build_masker(config: dict[str, Any], device: torch.device) -> MaskedViews:
     patch_size = config["patch_size"] or max(1, config["image_size"] // 7)
     options: dict[str, Any] = {}
     if config["strategy"] != "none":
-        options = {"ratio": tuple(config["mask_ratio"]), "hard_negative_ratio": tuple(config["hard_negative_ratio"])}
+        options = {
+            "mask_ratio": tuple(config["mask_ratio"]),
+            "hard_negative_mask_ratio": tuple(config["hard_negative_ratio"]),
+        }
     masker = MaskedViews(
         config["strategy"], scda=scda, hard_negatives=config["hard_negatives"], patch_size=patch_size, **options
     )

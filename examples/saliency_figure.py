@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     original_foreground = original.foreground(activation)
 
     saliency = Saliency(foreground)
-    masked, _ = BlurMask(ratio=0.25, patch_size=PATCH_SIZE)(views, saliency)
-    hard, _ = HardNegativeMask("blur", ratio=0.6, patch_size=PATCH_SIZE)(views, saliency)
+    masked, _ = BlurMask(mask_ratio=0.25, patch_size=PATCH_SIZE)(views, saliency)
+    hard, _ = HardNegativeMask("blur", mask_ratio=0.6, patch_size=PATCH_SIZE)(views, saliency)
     columns = ["view", "activation A", "mean - 0.6 std", "mean, largest component"]
     columns += ["positive (blur, 25 %)", "hard negative (60 % of fg)"]
 

@@ -7,6 +7,8 @@ differ, the release's, which produced the published numbers.
 from __future__ import annotations
 
 # Where to mask (paper section 3.2).
+#: Names of the mask types, in the order of their integer codes in a draw's ``"mask_type"``.
+MASK_TYPES = ("spatial", "channel", "focal")
 #: alpha: the fraction of the patch grid masked in a positive view, drawn per image.
 MASK_RATIO = (0.05, 0.25)
 #: beta: the fraction of the foreground masked in a hard negative, drawn per image.

@@ -1,4 +1,4 @@
-"""Contrastive objectives with saliency-masked hard negatives, and the MoCo memory queue.
+"""Contrastive objectives with saliency-masked hard negatives.
 
 The objective (paper Eq. 2) contrasts a masked query ``q`` with its unmasked key ``k+`` against ordinary
 negatives ``z`` (a MoCo queue or the rest of a SimCLR batch) and per-image hard negatives ``t`` (the key
@@ -9,25 +9,33 @@ view with its foreground masked)::
 :class:`HardNegativeInfoNCE` is the MoCo form, :class:`NTXentLoss` the SimCLR form; both go through the
 same logits-and-cross-entropy core. :func:`extend_moco_logits` appends the hard-negative columns to the
 ``(logits, labels)`` pair that facebookresearch/moco's model returns, so its ``nn.CrossEntropyLoss`` stays
-as it is. :class:`MomentumQueue` is the MoCo memory bank, saved with the model's ``state_dict``.
+as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from salmask.distributed import all_gather, all_gather_with_grad, get_rank, get_world_size
+from salmask._defaults import HARD_NEGATIVE_WEIGHT, TEMPERATURE
+from salmask._validation import (
+    check_choice,
+    check_embedding_pair,
+    check_positive,
+    check_tensor,
+    hard_negatives_as_batch,
+    negatives_as_rows,
+    raise_if_not_finite,
+)
+from salmask.distributed import all_gather_with_grad, get_rank, get_world_size
 
 __all__ = [
     "HardNegativeInfoNCE",
     "InfoNCEOutput",
-    "MomentumQueue",
     "NTXentLoss",
     "extend_moco_logits",
 ]
@@ -36,6 +44,7 @@ Reduction = Literal["mean", "sum", "none"]
 NegativesLayout = Literal["auto", "KD", "DK"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+_FINITE_HINT = "check the encoder output (pass check_finite=False to skip this check)"
 _LAYOUTS = ("auto", "KD", "DK")
 
 
@@ -53,117 +62,6 @@ class InfoNCEOutput(NamedTuple):
     loss: torch.Tensor
     logits: torch.Tensor
     targets: torch.Tensor
-
-
-# ---------------------------------------------------------------------------------------------------
-# Argument checks
-
-
-def _check_strictly_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def _check_reduction(reduction: Any) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def _check_float_tensor(tensor: Any, name: str, ndim: int) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-    if tensor.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
-
-
-def _check_pair(first: Any, second: Any, first_name: str, second_name: str) -> None:
-    _check_float_tensor(first, first_name, 2)
-    _check_float_tensor(second, second_name, 2)
-    if first.shape != second.shape:
-        raise ValueError(
-            f"{first_name} and {second_name} must both be (B, D) with the same B and D, got "
-            f"{tuple(first.shape)} and {tuple(second.shape)}"
-        )
-
-
-def _negatives_as_rows(negatives: Any, dim: int, layout: str) -> torch.Tensor:
-    """Return ``negatives`` as a ``(K, D)`` tensor (a transposed view for the ``(D, K)`` layout)."""
-    _check_float_tensor(negatives, "negatives", 2)
-    rows, columns = negatives.shape
-    if layout == "auto":
-        if rows == dim and columns == dim:
-            raise ValueError(
-                f"negatives is ({rows}, {columns}) with embedding size D={dim}, so it could be (K, D) or "
-                "MoCo's (D, K) queue layout; pass negatives_layout='KD' or 'DK' to say which"
-            )
-        if columns == dim:
-            layout = "KD"
-        elif rows == dim:
-            layout = "DK"
-        else:
-            raise ValueError(
-                f"negatives must be (K, D) or (D, K) with embedding size D={dim}, got shape {(rows, columns)}"
-            )
-    expected_dim = columns if layout == "KD" else rows
-    if expected_dim != dim:
-        raise ValueError(
-            f"negatives in layout {layout!r} must have embedding size D={dim} along "
-            f"{'dimension 1' if layout == 'KD' else 'dimension 0'}, got shape {(rows, columns)}"
-        )
-    return negatives if layout == "KD" else negatives.t()
-
-
-def _hard_negatives_as_batch(
-    hard_negatives: Any, hard_negative_valid: Any, batch_size: int, dim: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Return hard negatives as ``(B, M, D)`` and their validity as ``(B, M)`` bool (or ``None``)."""
-    if hard_negatives is None:
-        if hard_negative_valid is not None:
-            raise ValueError("hard_negative_valid was given without hard_negatives")
-        return None, None
-    if not isinstance(hard_negatives, torch.Tensor):
-        raise TypeError(f"hard_negatives must be a torch.Tensor, got {type(hard_negatives).__name__}")
-    if not hard_negatives.is_floating_point():
-        raise TypeError(f"hard_negatives must be a floating-point tensor, got dtype {hard_negatives.dtype}")
-    given_shape = tuple(hard_negatives.shape)
-    if hard_negatives.ndim == 2:
-        hard_negatives = hard_negatives.unsqueeze(1)
-    if hard_negatives.ndim != 3 or hard_negatives.shape[0] != batch_size or hard_negatives.shape[2] != dim:
-        raise ValueError(
-            f"hard_negatives must be (B, D) or (B, M, D) with B={batch_size} and D={dim}, got shape {given_shape}"
-        )
-    if hard_negative_valid is None:
-        return hard_negatives, None
-    if not isinstance(hard_negative_valid, torch.Tensor):
-        raise TypeError(f"hard_negative_valid must be a bool torch.Tensor, got {type(hard_negative_valid).__name__}")
-    if hard_negative_valid.dtype != torch.bool:
-        raise TypeError(f"hard_negative_valid must have dtype torch.bool, got {hard_negative_valid.dtype}")
-    num_hard = hard_negatives.shape[1]
-    if hard_negative_valid.shape == (batch_size,):
-        hard_negative_valid = hard_negative_valid.unsqueeze(1).expand(batch_size, num_hard)
-    elif hard_negative_valid.shape != (batch_size, num_hard):
-        raise ValueError(
-            f"hard_negative_valid must be (B,) or (B, M) = ({batch_size},) or ({batch_size}, {num_hard}), "
-            f"got shape {tuple(hard_negative_valid.shape)}"
-        )
-    return hard_negatives, hard_negative_valid.to(hard_negatives.device)
-
-
-def _raise_if_not_finite(named_tensors: dict[str, torch.Tensor]) -> None:
-    # One stacked reduction so that the check costs a single device-to-host sync, not one per tensor.
-    flags = torch.stack([torch.isfinite(tensor).all() for tensor in named_tensors.values()])
-    if not bool(flags.all()):
-        bad = [name for name, finite in zip(named_tensors, flags.tolist(), strict=True) if not finite]
-        raise ValueError(
-            f"{', '.join(bad)} contain{'s' if len(bad) == 1 else ''} NaN or Inf values; "
-            "check the encoder output (pass check_finite=False to skip this check)"
-        )
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -263,8 +161,8 @@ class HardNegativeInfoNCE(nn.Module):
             already normalised embeddings (MoCo's) changes nothing but rounding.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (one loss per query).
         negatives_layout: ``"KD"`` for ``(K, D)`` negatives, ``"DK"`` for MoCo's ``(D, K)`` queue (the
-            layout of :attr:`MomentumQueue.queue`), or ``"auto"`` (default) to tell them apart by which
-            dimension equals D; ``"auto"`` rejects a square ``(D, D)`` tensor as ambiguous.
+            layout of :attr:`salmask.ssl.MomentumQueue.keys`), or ``"auto"`` (default) to tell them apart by
+            which dimension equals D; ``"auto"`` rejects a square ``(D, D)`` tensor as ambiguous.
         check_finite: raise if any embedding holds NaN or Inf. This costs one device-to-host sync per
             call; pass ``False`` to skip it in a tuned training loop.
 
@@ -285,8 +183,8 @@ class HardNegativeInfoNCE(nn.Module):
 
     def __init__(
         self,
-        temperature: float = 0.2,
-        hard_negative_weight: float = 2.0,
+        temperature: float = TEMPERATURE,
+        hard_negative_weight: float = HARD_NEGATIVE_WEIGHT,
         *,
         normalize: bool = True,
         reduction: Reduction = "mean",
@@ -294,13 +192,11 @@ class HardNegativeInfoNCE(nn.Module):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        self.temperature = _check_strictly_positive(temperature, "temperature")
-        self.hard_negative_weight = _check_strictly_positive(hard_negative_weight, "hard_negative_weight")
+        self.temperature = check_positive(temperature, "temperature")
+        self.hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
         self.normalize = bool(normalize)
-        self.reduction = _check_reduction(reduction)
-        if negatives_layout not in _LAYOUTS:
-            raise ValueError(f"negatives_layout must be one of {_LAYOUTS}, got {negatives_layout!r}")
-        self.negatives_layout = negatives_layout
+        self.reduction = check_choice(reduction, "reduction", _REDUCTIONS)
+        self.negatives_layout = check_choice(negatives_layout, "negatives_layout", _LAYOUTS)
         self.check_finite = bool(check_finite)
 
     def extra_repr(self) -> str:
@@ -340,19 +236,19 @@ class HardNegativeInfoNCE(nn.Module):
             ValueError: mismatched shapes, neither negatives nor hard negatives, an ambiguous square
                 ``negatives`` with ``negatives_layout="auto"``, or non-finite embeddings.
         """
-        _check_pair(query, key, "query", "key")
+        check_embedding_pair(query, key, ("query", "key"))
         batch_size, dim = query.shape
         if negatives is None and hard_negatives is None:
             raise ValueError("pass negatives, hard_negatives or both: with neither there is nothing to contrast")
-        negative_rows = None if negatives is None else _negatives_as_rows(negatives, dim, self.negatives_layout)
-        hard, hard_valid = _hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
+        negative_rows = None if negatives is None else negatives_as_rows(negatives, dim, self.negatives_layout)
+        hard, hard_valid = hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
         if self.check_finite:
             named = {"query": query, "key": key}
             if negative_rows is not None:
                 named["negatives"] = negative_rows
             if hard is not None:
                 named["hard_negatives"] = hard
-            _raise_if_not_finite(named)
+            raise_if_not_finite(named, _FINITE_HINT)
 
         dtype = _compute_dtype(query, key, negative_rows, hard)
         with _autocast_disabled(query.device):
@@ -385,7 +281,7 @@ def extend_moco_logits(
     hard_negative_valid: torch.Tensor | None = None,
     *,
     temperature: float,
-    hard_negative_weight: float = 2.0,
+    hard_negative_weight: float = HARD_NEGATIVE_WEIGHT,
     normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Append rho-weighted hard-negative columns to MoCo's ``(logits, labels)``.
@@ -443,12 +339,11 @@ def extend_moco_logits(
         torch.Size([4, 34])
         >>> loss = torch.nn.CrossEntropyLoss()(logits, labels)
     """
-    temperature = _check_strictly_positive(temperature, "temperature")
-    hard_negative_weight = _check_strictly_positive(hard_negative_weight, "hard_negative_weight")
-    _check_float_tensor(logits, "logits", 2)
-    _check_float_tensor(query, "query", 2)
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    temperature = check_positive(temperature, "temperature")
+    hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
+    check_tensor(logits, "logits", ndim=2, floating=True)
+    check_tensor(query, "query", ndim=2, floating=True)
+    check_tensor(labels, "labels")
     batch_size, dim = query.shape
     if logits.shape[0] != batch_size or labels.shape != (batch_size,):
         raise ValueError(
@@ -457,7 +352,7 @@ def extend_moco_logits(
         )
     if hard_negatives is None:
         raise TypeError("hard_negatives must be a torch.Tensor shaped (B, D) or (B, M, D), got None")
-    hard, hard_valid = _hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
+    hard, hard_valid = hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
 
     dtype = _compute_dtype(logits, query, hard)
     with _autocast_disabled(query.device):
@@ -532,8 +427,8 @@ class NTXentLoss(nn.Module):
 
     def __init__(
         self,
-        temperature: float = 0.2,
-        hard_negative_weight: float = 2.0,
+        temperature: float = TEMPERATURE,
+        hard_negative_weight: float = HARD_NEGATIVE_WEIGHT,
         *,
         normalize: bool = True,
         reduction: Reduction = "mean",
@@ -542,10 +437,10 @@ class NTXentLoss(nn.Module):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        self.temperature = _check_strictly_positive(temperature, "temperature")
-        self.hard_negative_weight = _check_strictly_positive(hard_negative_weight, "hard_negative_weight")
+        self.temperature = check_positive(temperature, "temperature")
+        self.hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
         self.normalize = bool(normalize)
-        self.reduction = _check_reduction(reduction)
+        self.reduction = check_choice(reduction, "reduction", _REDUCTIONS)
         self.gather_distributed = bool(gather_distributed)
         self.symmetric_hard_negatives = bool(symmetric_hard_negatives)
         self.check_finite = bool(check_finite)
@@ -585,7 +480,7 @@ class NTXentLoss(nn.Module):
             ValueError: mismatched shapes, a batch of one image without other ranks to contrast with, or
                 non-finite embeddings.
         """
-        _check_pair(view_a, view_b, "view_a", "view_b")
+        check_embedding_pair(view_a, view_b, ("view_a", "view_b"))
         batch_size, dim = view_a.shape
         world_size = get_world_size() if self.gather_distributed else 1
         rank = get_rank() if self.gather_distributed else 0
@@ -594,12 +489,12 @@ class NTXentLoss(nn.Module):
                 "NT-Xent needs at least two images (view_a and view_b of shape (B, D) with B >= 2) "
                 "or hard negatives; got B=1"
             )
-        hard, hard_valid = _hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
+        hard, hard_valid = hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
         if self.check_finite:
             named = {"view_a": view_a, "view_b": view_b}
             if hard is not None:
                 named["hard_negatives"] = hard
-            _raise_if_not_finite(named)
+            raise_if_not_finite(named, _FINITE_HINT)
 
         dtype = _compute_dtype(view_a, view_b, hard)
         with _autocast_disabled(view_a.device):
@@ -638,95 +533,3 @@ class NTXentLoss(nn.Module):
                 self.reduction,
             )
         return output if return_logits else output.loss
-
-
-# ---------------------------------------------------------------------------------------------------
-# MoCo memory bank
-
-
-class MomentumQueue(nn.Module):
-    """MoCo's FIFO memory bank of key embeddings, shaped ``(D, K)`` and saved in ``state_dict``.
-
-    The queue and its write pointer are registered (persistent) buffers, so ``state_dict`` /
-    ``load_state_dict`` carry them (a resumed run continues with the keys it had, not a fresh random
-    queue) and ``.to(device)`` moves them. They are named ``queue`` and ``queue_ptr`` with MoCo's shapes,
-    ``(D, K)`` and ``(1,)``. Like MoCo, the queue starts as random unit columns; ranks that build it with
-    different seeds agree after at most ``K / (world_size * B)`` steps (or at once, when the queue lives
-    inside a DDP-wrapped module, whose buffers DDP broadcasts from rank 0).
-
-    :meth:`enqueue` takes keys only (never hard negatives), gathers them from all ranks when a process
-    group is initialised (rank order), and writes them after the newest keys; a batch that does not fit
-    before the end wraps around to the start, so K need not be a multiple of the batch size.
-
-    Args:
-        dim: embedding size D.
-        size: number of keys K (65536 in MoCo v2).
-        gather_distributed: gather keys from all ranks before enqueueing (a no-op in one process).
-
-    Example:
-        >>> import torch
-        >>> from salmask.losses import MomentumQueue
-        >>> bank = MomentumQueue(dim=4, size=5)
-        >>> bank.enqueue(torch.ones(3, 4))
-        >>> bank.enqueue(torch.full((3, 4), 2.0))  # two rows fill the end, one wraps to column 0
-        >>> bank.queue[0].tolist(), int(bank.queue_ptr)
-        ([2.0, 1.0, 1.0, 2.0, 2.0], 1)
-    """
-
-    #: ``(D, K)`` keys, one per column, the oldest overwritten first.
-    queue: torch.Tensor
-    #: ``(1,)`` long, the column the next key is written to.
-    queue_ptr: torch.Tensor
-
-    def __init__(self, dim: int, size: int = 65536, *, gather_distributed: bool = True) -> None:
-        super().__init__()
-        for value, name in ((dim, "dim"), (size, "size")):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        self.dim = dim
-        self.size = size
-        self.gather_distributed = bool(gather_distributed)
-        self.register_buffer("queue", F.normalize(torch.randn(dim, size), dim=0))
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, size={self.size}, gather_distributed={self.gather_distributed}"
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write a batch of keys over the oldest ones.
-
-        Args:
-            keys: ``(B, D)`` key embeddings (normalised, as MoCo's are; stored as given, detached).
-                Under ``torch.distributed`` every rank must call this with the same B.
-
-        Raises:
-            TypeError: ``keys`` is not a floating-point tensor.
-            ValueError: ``keys`` is not ``(B, D)`` with this queue's D.
-        """
-        _check_float_tensor(keys, "keys", 2)
-        if keys.shape[1] != self.dim:
-            raise ValueError(f"keys must be (B, D) with D={self.dim}, got shape {tuple(keys.shape)}")
-        if self.gather_distributed:
-            keys = all_gather(keys)
-        num_keys = keys.shape[0]
-        if num_keys == 0:
-            return
-        keys = keys.detach().to(device=self.queue.device, dtype=self.queue.dtype)
-        positions = (self.queue_ptr + torch.arange(num_keys, device=self.queue.device)) % self.size
-        if num_keys > self.size:
-            # Only the newest K keys survive; writing older ones first would be overwritten anyway, and
-            # index_copy_ with repeated indices has no defined winner.
-            keys, positions = keys[-self.size :], positions[-self.size :]
-        self.queue.index_copy_(1, positions, keys.t())
-        self.queue_ptr.add_(num_keys).remainder_(self.size)
-
-    def negatives(self) -> torch.Tensor:
-        """A detached copy of the queue, ``(D, K)``, safe to use as negatives before :meth:`enqueue`.
-
-        Using :attr:`queue` directly is fine when the enqueue happens after ``backward``; MoCo enqueues
-        inside ``forward``, which would modify a tensor autograd saved, so it copies, as this does.
-        """
-        return self.queue.detach().clone()

@@ -35,16 +35,18 @@ from salmask._defaults import (
     SALIENCY_THRESHOLD,
     SPATIAL_ONLY,
 )
-from salmask.functional import apply_mask, draw_mask_params, high_pass, render_mask
-from salmask.functional._checks import (
+from salmask._validation import (
+    check_fraction,
     check_image,
     check_kernel,
+    check_mask_ratio,
+    check_mask_type_probs,
     check_probability,
-    check_ratio,
     check_saliency_scores,
     values_readable,
 )
-from salmask.functional._masking import check_fill, check_mask_type_probs
+from salmask.functional import apply_mask, draw_mask_params, high_pass, render_mask
+from salmask.functional._masking import check_fill
 from salmask.tv_tensors import Saliency
 
 __all__ = [
@@ -78,7 +80,7 @@ class SaliencyMask(Transform):
     """Saliency-guided masking: mask patches in proportion to foreground and background, then fill them.
 
     Where to mask: the image is cut into a grid of ``patch_size`` patches (7x7 for 224 px and 32 px
-    patches); each image draws a ratio ``alpha`` from ``ratio`` and masks ``round(alpha * N)`` patches,
+    patches); each image draws a ratio ``alpha`` from ``mask_ratio`` and masks ``round(alpha * N)`` patches,
     split between foreground and background in the proportion of the saliency's foreground fraction, each
     chosen uniformly inside its group. Without a :class:`~salmask.Saliency` in the sample the masks are
     uniformly random (the MSCN baseline). How to mask: ``fill`` names what masked pixels take.
@@ -100,7 +102,7 @@ class SaliencyMask(Transform):
 
     Args:
         fill: what masked pixels take, see above.
-        ratio: fraction of the patch grid to mask, fixed or a ``(low, high)`` range drawn per image.
+        mask_ratio: fraction of the patch grid to mask, fixed or a ``(low, high)`` range drawn per image.
         patch_size: patch side in pixels, or ``(height, width)``.
         mask_type_probs: probabilities of ``"spatial"``, ``"channel"`` and ``"focal"`` masks; default
             spatial only.
@@ -126,7 +128,7 @@ class SaliencyMask(Transform):
         >>> image = torch.rand(3, 224, 224)
         >>> saliency = Saliency(torch.zeros(224, 224, dtype=torch.bool))
         >>> saliency[48:176, 48:176] = True
-        >>> transform = SaliencyMask("blur", ratio=0.25)
+        >>> transform = SaliencyMask("blur", mask_ratio=0.25)
         >>> masked, same_saliency = transform(image, saliency)
         >>> int(transform.last_params["patch_mask"].sum())
         12
@@ -137,7 +139,7 @@ class SaliencyMask(Transform):
     def __init__(
         self,
         fill: str = "noise",
-        ratio: float | tuple[float, float] = MASK_RATIO,
+        mask_ratio: float | tuple[float, float] = MASK_RATIO,
         *,
         patch_size: int | tuple[int, int] = PATCH_SIZE,
         mask_type_probs: dict[str, float] | None = None,
@@ -155,7 +157,7 @@ class SaliencyMask(Transform):
         super().__init__()
         self.fill_options = check_fill(fill, fill_options)
         self.fill = fill
-        self.ratio = check_ratio(ratio)
+        self.mask_ratio = check_mask_ratio(mask_ratio)
         self.patch_size = patch_size
         self.mask_type_probs = check_mask_type_probs(mask_type_probs or SPATIAL_ONLY)
         self.hard_negative = hard_negative
@@ -170,9 +172,7 @@ class SaliencyMask(Transform):
         self.last_params: dict[str, Tensor] | None = None
         # Fail at construction, not at the first batch, on a bad fraction.
         for name in ("focal_keep_fraction", "focal_fill_fraction", "saliency_threshold"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
+            check_fraction(getattr(self, name), name)
 
     def check_inputs(self, flat_inputs: list[Any]) -> None:
         for inpt in flat_inputs:
@@ -205,7 +205,7 @@ class SaliencyMask(Transform):
         params = draw_mask_params(
             image.shape,
             saliency,
-            ratio=self.ratio,
+            mask_ratio=self.mask_ratio,
             patch_size=self.patch_size,
             hard_negative=self.hard_negative,
             mask_type_probs=self.mask_type_probs,
@@ -245,7 +245,7 @@ class SaliencyMask(Transform):
         Example:
             >>> import torch
             >>> from salmask import MeanFillMask
-            >>> transform = MeanFillMask(ratio=0.25)
+            >>> transform = MeanFillMask(mask_ratio=0.25)
             >>> _ = transform(torch.rand(3, 224, 224))
             >>> transform.pixel_mask(transform.last_params, (224, 224)).float().mean().item()
             0.2448979616165161
@@ -262,7 +262,7 @@ class HighPassMask(SaliencyMask):
     pretrained this way need the same filter, :attr:`input_filter`, on their inputs downstream.
 
     Args:
-        ratio: fraction to mask, fixed or a range; default the release's ``U(0.05, 0.25)`` of the grid, or
+        mask_ratio: fraction to mask, fixed or a range; default the release's ``U(0.05, 0.25)`` of the grid, or
             ``U(0.4, 0.7)`` of the foreground for hard negatives.
         noise_std: standard deviation of the noise; default the release's 0.18, or 0.14 for hard negatives.
         kernel_size: Gaussian kernel of the filter.
@@ -283,7 +283,7 @@ class HighPassMask(SaliencyMask):
 
     def __init__(
         self,
-        ratio: float | tuple[float, float] | None = None,
+        mask_ratio: float | tuple[float, float] | None = None,
         *,
         noise_std: float | None = None,
         kernel_size: int = HIGH_PASS_KERNEL_SIZE,
@@ -292,13 +292,13 @@ class HighPassMask(SaliencyMask):
         mask_type_probs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if ratio is None:
-            ratio = HARD_NEGATIVE_MASK_RATIO if hard_negative else MASK_RATIO
+        if mask_ratio is None:
+            mask_ratio = HARD_NEGATIVE_MASK_RATIO if hard_negative else MASK_RATIO
         if noise_std is None:
             noise_std = HIGH_PASS_HARD_NEGATIVE_NOISE_STD if hard_negative else HIGH_PASS_NOISE_STD
         super().__init__(
             "noise",
-            ratio,
+            mask_ratio,
             fill_options={"std": noise_std},
             hard_negative=hard_negative,
             mask_type_probs=mask_type_probs or RELEASE_MASK_TYPE_PROBS,
@@ -328,7 +328,7 @@ class BlurMask(SaliencyMask):
     """The strong-blur strategy: masked pixels take the values of a strongly blurred copy of the view.
 
     Args:
-        ratio: fraction of the grid to mask, fixed or a range.
+        mask_ratio: fraction of the grid to mask, fixed or a range.
         kernel_size: Gaussian kernel length (31 in the release).
         sigma: Gaussian standard deviation in pixels (10 in the release).
         **kwargs: any other argument of :class:`SaliencyMask`.
@@ -336,26 +336,26 @@ class BlurMask(SaliencyMask):
     Example:
         >>> import torch
         >>> from salmask import BlurMask
-        >>> BlurMask(ratio=0.25)(torch.rand(3, 224, 224)).shape
+        >>> BlurMask(mask_ratio=0.25)(torch.rand(3, 224, 224)).shape
         torch.Size([3, 224, 224])
     """
 
     def __init__(
         self,
-        ratio: float | tuple[float, float] = MASK_RATIO,
+        mask_ratio: float | tuple[float, float] = MASK_RATIO,
         *,
         kernel_size: int = BLUR_KERNEL_SIZE,
         sigma: float = BLUR_SIGMA,
         **kwargs: Any,
     ) -> None:
-        super().__init__("blur", ratio, fill_options={"kernel_size": kernel_size, "sigma": sigma}, **kwargs)
+        super().__init__("blur", mask_ratio, fill_options={"kernel_size": kernel_size, "sigma": sigma}, **kwargs)
 
 
 class MeanFillMask(SaliencyMask):
     """The mean-fill strategy: masked pixels take the per-image, per-channel mean of the view.
 
     Args:
-        ratio: fraction of the grid to mask, fixed or a range.
+        mask_ratio: fraction of the grid to mask, fixed or a range.
         **kwargs: any other argument of :class:`SaliencyMask`.
 
     Example:
@@ -365,14 +365,14 @@ class MeanFillMask(SaliencyMask):
         torch.Size([3, 224, 224])
     """
 
-    def __init__(self, ratio: float | tuple[float, float] = MASK_RATIO, **kwargs: Any) -> None:
-        super().__init__("mean", ratio, **kwargs)
+    def __init__(self, mask_ratio: float | tuple[float, float] = MASK_RATIO, **kwargs: Any) -> None:
+        super().__init__("mean", mask_ratio, **kwargs)
 
 
 class HardNegativeMask(SaliencyMask):
     """Hard negatives: mask a large share of the object (foreground patches only) in the key view.
 
-    Each image draws ``beta`` from ``ratio`` and masks ``round(beta * n_foreground)`` foreground patches,
+    Each image draws ``beta`` from ``mask_ratio`` and masks ``round(beta * n_foreground)`` foreground patches,
     at least one; no background patch is touched. An image without foreground cannot make a hard
     negative: it is returned unmasked and ``last_params["valid"]`` is ``False`` for it, so the loss can
     drop it (an unmasked key contrasted as a negative would be the positive itself). Needs a
@@ -381,7 +381,7 @@ class HardNegativeMask(SaliencyMask):
 
     Args:
         fill: what masked pixels take, as for :class:`SaliencyMask`.
-        ratio: fraction of the foreground to mask, fixed or a range (release: ``U(0.4, 0.7)``).
+        mask_ratio: fraction of the foreground to mask, fixed or a range (release: ``U(0.4, 0.7)``).
         **kwargs: any other argument of :class:`SaliencyMask`.
 
     Example:
@@ -396,9 +396,9 @@ class HardNegativeMask(SaliencyMask):
     """
 
     def __init__(
-        self, fill: str = "noise", ratio: float | tuple[float, float] = HARD_NEGATIVE_MASK_RATIO, **kwargs: Any
+        self, fill: str = "noise", mask_ratio: float | tuple[float, float] = HARD_NEGATIVE_MASK_RATIO, **kwargs: Any
     ):
-        super().__init__(fill, ratio, hard_negative=True, **kwargs)
+        super().__init__(fill, mask_ratio, hard_negative=True, **kwargs)
 
 
 class HighPassFilter(Transform):

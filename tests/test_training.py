@@ -148,7 +148,7 @@ def test_moco_checkpoint_holds_the_whole_training_state(moco_checkpoint):
     assert config["method"] == "moco" and config["strategy"] == "high_pass" and config["saliency"] == "truth"
     assert config["input_filter"] == {"name": "high_pass", "kernel_size": 11, "sigma": 5.0}
     model = checkpoint["model"]
-    assert model["queue.queue"].shape == (128, 16)
+    assert model["queue.keys"].shape == (128, 16)
     assert any(key.startswith("momentum_encoder.") for key in model)
     assert checkpoint["optimizer"]["state"], "SGD momentum buffers are part of the checkpoint"
     assert checkpoint["scheduler"] is not None and len(checkpoint["rng"]) == 1
@@ -325,7 +325,7 @@ def test_two_processes_under_torchrun(tmp_path, free_port):
     assert len(checkpoint["rng"]) == 2, "each rank's generators are saved"
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
     # 16 images, a global batch of 8 split over 2 ranks: 2 steps, each enqueueing the 8 gathered keys.
-    assert int(checkpoint["model"]["queue.queue_ptr"]) == 0
+    assert int(checkpoint["model"]["queue.pointer"]) == 0
 
 
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from salmask._defaults import BLUR_KERNEL_SIZE, BLUR_SIGMA
-from salmask.functional._checks import check_float_image, check_image, check_mask
+from salmask._validation import check_float_image, check_image, check_mask
 from salmask.functional._filters import gaussian_blur
 
 __all__ = ["fill_blur", "fill_constant", "fill_mean", "fill_noise"]
@@ -173,7 +173,7 @@ def fill_noise(
         0.5
     """
     _checked(image, mask)
-    check_float_image(image, "noise")
+    check_float_image(image, "the noise fill")
     if not std >= 0:
         raise ValueError(f"std must be non-negative, got {std}")
     if image.device.type == "cpu" and not torch.compiler.is_compiling():

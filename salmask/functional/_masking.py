@@ -23,14 +23,17 @@ from salmask._defaults import (
     SALIENCY_THRESHOLD,
     SPATIAL_ONLY,
 )
-from salmask.functional._checks import (
+from salmask._validation import (
     as_pair,
     check_finite_image,
+    check_fraction,
     check_image,
     check_kernel,
     check_mask,
+    check_mask_ratio,
+    check_mask_type_probs,
     check_probability,
-    check_ratio,
+    check_saliency,
     values_readable,
 )
 from salmask.functional._fill import (
@@ -49,8 +52,8 @@ from salmask.functional._grid import expand_patch_mask, patch_grid_size, salienc
 from salmask.functional._sampling import (
     MASK_TYPES,
     draw_focal_windows,
+    draw_mask_ratios,
     draw_mask_types,
-    draw_ratios,
     focal_window_mask,
     sample_patch_mask,
 )
@@ -99,46 +102,11 @@ def check_fill(fill: str, fill_options: dict[str, Any] | None = None) -> dict[st
     return options
 
 
-def check_mask_type_probs(mask_type_probs: dict[str, float]) -> dict[str, float]:
-    if not isinstance(mask_type_probs, dict) or not mask_type_probs:
-        raise TypeError(f"mask_type_probs must be a dict from {MASK_TYPES} to probabilities, got {mask_type_probs!r}")
-    unknown = set(mask_type_probs) - set(MASK_TYPES)
-    if unknown:
-        raise ValueError(f"mask_type_probs has unknown mask types {sorted(unknown)}; known: {MASK_TYPES}")
-    for name, probability in mask_type_probs.items():
-        check_probability(probability, f"mask_type_probs[{name!r}]")
-    if abs(sum(mask_type_probs.values()) - 1.0) > 1e-6:
-        raise ValueError(f"mask_type_probs must sum to 1, got {mask_type_probs!r}")
-    return {name: float(probability) for name, probability in mask_type_probs.items()}
-
-
-def canonical_saliency(saliency: Tensor, batch_size: int, batched: bool) -> Tensor:
-    """Bring a saliency map to ``(B, h, w)``, checking it belongs to ``batch_size`` images."""
-    if not isinstance(saliency, Tensor):
-        raise TypeError(f"saliency must be a tensor, got {type(saliency).__name__}")
-    if saliency.dtype != torch.bool and not saliency.is_floating_point():
-        raise TypeError(f"saliency must be bool or float scores in [0, 1], got dtype {saliency.dtype}")
-    if saliency.ndim == 4 and saliency.shape[1] == 1:
-        saliency = saliency[:, 0]
-    if saliency.ndim == 2:
-        saliency = saliency[None]
-    if saliency.ndim != 3:
-        raise ValueError(
-            f"saliency must be shaped (H, W), (1, H, W), (B, H, W) or (B, 1, H, W), got {tuple(saliency.shape)}"
-        )
-    if saliency.shape[0] != batch_size:
-        expected = f"a batch of {batch_size}" if batched else "one image"
-        raise ValueError(
-            f"saliency holds {saliency.shape[0]} maps but the images are {expected}; pass one saliency map per image"
-        )
-    return saliency
-
-
 def draw_mask_params(
     image_shape: tuple[int, ...] | torch.Size,
     saliency: Tensor | None = None,
     *,
-    ratio: float | tuple[float, float] = MASK_RATIO,
+    mask_ratio: float | tuple[float, float] = MASK_RATIO,
     patch_size: int | tuple[int, int] = PATCH_SIZE,
     hard_negative: bool = False,
     mask_type_probs: dict[str, float] | None = None,
@@ -161,7 +129,7 @@ def draw_mask_params(
         image_shape: ``(B, C, H, W)`` (or ``(C, H, W)`` for one image) of the images to mask.
         saliency: ``(B, h, w)`` (or ``(h, w)``) boolean map or float scores of any spatial size, resampled
             onto the patch grid; ``None`` for uniform random masking (the MSCN baseline).
-        ratio: fraction of the patch grid to mask (positives: alpha, default ``U(0.05, 0.25)``) or of the
+        mask_ratio: fraction of the patch grid to mask (positives: alpha, default ``U(0.05, 0.25)``) or of the
             foreground (hard negatives: beta, typically ``U(0.4, 0.7)``), fixed or a ``(low, high)`` range.
         patch_size: patch side in pixels, or ``(height, width)``; 32 gives the 7x7 grid at 224 px.
         hard_negative: mask foreground patches only, to make a hard negative from the key view.
@@ -180,7 +148,7 @@ def draw_mask_params(
 
         - ``"patch_mask"``: ``(B, S, rows, cols)`` bool, the masked patches (``S`` is ``C`` when
           channel-wise masks are possible, else 1; empty for focal masks);
-        - ``"ratio"``: ``(B,)`` float; ``"mask_type"``: ``(B,)`` int64 codes into ``MASK_TYPES``;
+        - ``"mask_ratio"``: ``(B,)`` float; ``"mask_type"``: ``(B,)`` int64 codes into ``MASK_TYPES``;
         - ``"focal_window"``: ``(B, 4)`` int64 ``(top, left, height, width)`` of the window a focal
           positive keeps (a focal hard negative fills it); present only when focal masks can be drawn;
         - ``"applied"``: ``(B,)`` bool, the images that drew ``p``;
@@ -193,7 +161,7 @@ def draw_mask_params(
     Example:
         >>> saliency = torch.zeros(2, 7, 7, dtype=torch.bool)
         >>> saliency[:, 2:5, 2:5] = True
-        >>> params = draw_mask_params((2, 3, 224, 224), saliency, ratio=0.5, hard_negative=True)
+        >>> params = draw_mask_params((2, 3, 224, 224), saliency, mask_ratio=0.5, hard_negative=True)
         >>> params["patch_mask"].sum(dim=(1, 2, 3)).tolist(), params["valid"].tolist()
         ([5, 5], [True, True])
     """
@@ -203,8 +171,10 @@ def draw_mask_params(
     batch_size = image_shape[0] if batched else 1
     num_channels, height, width = (int(s) for s in image_shape[-3:])
     image_size = (height, width)
-    check_ratio(ratio)
+    check_mask_ratio(mask_ratio)
     p = check_probability(p, "p")
+    for name, fraction in (("focal_keep_fraction", focal_keep_fraction), ("focal_fill_fraction", focal_fill_fraction)):
+        check_fraction(fraction, name)
     mask_type_probs = check_mask_type_probs(mask_type_probs or SPATIAL_ONLY)
     if device is None:
         device = saliency.device if saliency is not None else torch.device("cpu")
@@ -212,7 +182,7 @@ def draw_mask_params(
     rows, cols = patch_grid_size(image_size, patch_size)
 
     if saliency is not None:
-        saliency = canonical_saliency(saliency, batch_size, batched).to(device)
+        saliency = check_saliency(saliency, batch_size=batch_size, batched=batched).to(device)
         foreground = saliency_to_patch_grid(saliency, image_size, patch_size, saliency_threshold)
     elif hard_negative:
         raise ValueError("a hard negative masks the object and needs a saliency map; got saliency=None")
@@ -220,7 +190,7 @@ def draw_mask_params(
         foreground = torch.ones(batch_size, rows, cols, dtype=torch.bool, device=device)
 
     draw: dict[str, Any] = {"device": device, "generator": generator, "same_on_batch": same_on_batch}
-    ratios = draw_ratios(ratio, batch_size, **draw)
+    ratios = draw_mask_ratios(mask_ratio, batch_size, **draw)
     mask_type = draw_mask_types(mask_type_probs, batch_size, **draw)
     applied = torch.rand((1 if same_on_batch else batch_size,), device=device, generator=generator) < p
     applied = applied.expand(batch_size)
@@ -240,7 +210,7 @@ def draw_mask_params(
     patch_mask = patch_mask.unflatten(-1, (rows, cols))
     params = {
         "patch_mask": patch_mask,
-        "ratio": ratios,
+        "mask_ratio": ratios,
         "mask_type": mask_type,
         "applied": applied,
         # A hard negative exists where some patch of the object is masked (or, below, a focal window).
@@ -279,7 +249,7 @@ def render_mask(
         ``(B, S, H, W)`` (or ``(S, H, W)`` for one image) bool, ``True`` where to fill.
 
     Example:
-        >>> params = draw_mask_params((2, 3, 64, 64), ratio=0.25, patch_size=16)
+        >>> params = draw_mask_params((2, 3, 64, 64), mask_ratio=0.25, patch_size=16)
         >>> render_mask(params, (64, 64), 16).sum(dim=(1, 2, 3)).tolist()
         [1024, 1024]
     """
@@ -320,7 +290,7 @@ def apply_fill(
 
     Example:
         >>> image = torch.rand(2, 3, 64, 64)
-        >>> mask = render_mask(draw_mask_params(image.shape, ratio=0.25), (64, 64))
+        >>> mask = render_mask(draw_mask_params(image.shape, mask_ratio=0.25), (64, 64))
         >>> apply_fill(image, mask, "mean").shape
         torch.Size([2, 3, 64, 64])
     """
@@ -380,7 +350,7 @@ def apply_mask(
 
     Example:
         >>> image = torch.rand(4, 3, 64, 64)
-        >>> params = draw_mask_params(image.shape, ratio=0.25, patch_size=16)
+        >>> params = draw_mask_params(image.shape, mask_ratio=0.25, patch_size=16)
         >>> torch.equal(apply_mask(image, params, "mean", patch_size=16),
         ...             apply_mask(image, params, "mean", patch_size=16))
         True
@@ -427,7 +397,7 @@ def mask_images(
 
     Example:
         >>> image = torch.rand(4, 3, 224, 224)
-        >>> masked, params = mask_images(image, fill="blur", ratio=0.25)
+        >>> masked, params = mask_images(image, fill="blur", mask_ratio=0.25)
         >>> params["patch_mask"].sum(dim=(1, 2, 3)).tolist()
         [12, 12, 12, 12]
     """

@@ -35,6 +35,7 @@ from salmask.ssl._checkpoint import (
 from salmask.ssl._encoders import RESNETS, build_encoder, feature_dim_of, projection_head
 from salmask.ssl._knn import extract_features, knn_predict, knn_top1
 from salmask.ssl._moco import BATCH_NORM_MODES, MoCo, batch_shuffle, batch_unshuffle
+from salmask.ssl._queue import MomentumQueue
 from salmask.ssl._simclr import SimCLR
 from salmask.ssl._views import STRATEGIES, MaskedViews, MaskedViewsOutput, TwoViews
 
@@ -50,6 +51,7 @@ __all__ = [
     "MaskedViews",
     "MaskedViewsOutput",
     "MoCo",
+    "MomentumQueue",
     "ResumableSampler",
     "SeededDataset",
     "SimCLR",

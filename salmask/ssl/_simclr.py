@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from salmask._defaults import EMBEDDING_DIM, HARD_NEGATIVE_WEIGHT, TEMPERATURE
+from salmask._validation import check_hard_negative_views, check_views
 from salmask.losses import InfoNCEOutput, NTXentLoss
 from salmask.ssl._encoders import feature_dim_of, projection_head
-from salmask.ssl._moco import _check_hard_negatives, _check_views
 
 __all__ = ["SimCLR"]
 
@@ -62,11 +63,11 @@ class SimCLR(nn.Module):
         encoder: nn.Module,
         *,
         feature_dim: int | None = None,
-        dim: int = 128,
+        dim: int = EMBEDDING_DIM,
         hidden_dim: int | None = None,
         projector: nn.Module | None = None,
-        temperature: float = 0.2,
-        hard_negative_weight: float = 2.0,
+        temperature: float = TEMPERATURE,
+        hard_negative_weight: float = HARD_NEGATIVE_WEIGHT,
         gather_distributed: bool = False,
         symmetric_hard_negatives: bool = False,
         hard_negative_grad: bool = False,
@@ -115,9 +116,9 @@ class SimCLR(nn.Module):
             :class:`~salmask.InfoNCEOutput` ``(loss, logits, targets)``, rows the query anchors then the
             key anchors.
         """
-        _check_views(query, key)
+        check_views(query, key)
         if hard_negatives is not None:
-            _check_hard_negatives(hard_negatives, query)
+            check_hard_negative_views(hard_negatives, query)
         elif hard_negative_valid is not None:
             raise ValueError("hard_negative_valid was given without hard_negatives")
         view_a, view_b = self.embed(torch.cat([query, key])).chunk(2)

@@ -18,9 +18,9 @@ from salmask._defaults import (
     SALIENCY_THRESHOLD,
     SPATIAL_ONLY,
 )
+from salmask._validation import check_mask_ratio, check_mask_type_probs, check_saliency, check_views
 from salmask.functional import apply_mask, draw_mask_params, high_pass
-from salmask.functional._checks import check_ratio
-from salmask.functional._masking import check_fill, check_mask_type_probs
+from salmask.functional._masking import check_fill
 from salmask.saliency import SCDA
 from salmask.transforms import HighPassFilter
 
@@ -72,28 +72,6 @@ class MaskedViewsOutput(NamedTuple):
     hard_negative_params: dict[str, Tensor] | None
 
 
-def _check_view(view: Any, name: str) -> None:
-    if not isinstance(view, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(view).__name__}")
-    if view.ndim != 4:
-        raise ValueError(f"{name} must be a (B, C, H, W) batch, got shape {tuple(view.shape)}")
-    if not view.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor (a normalised view), got dtype {view.dtype}")
-
-
-def _as_saliency(saliency: Any, batch_size: int, name: str) -> Tensor | None:
-    if saliency is None:
-        return None
-    if not isinstance(saliency, Tensor):
-        raise TypeError(f"{name} must be a Saliency (or a bool/float tensor), got {type(saliency).__name__}")
-    if saliency.ndim not in (3, 4) or saliency.shape[0] != batch_size:
-        raise ValueError(
-            f"{name} must hold one map per image, shaped (B, h, w) or (B, 1, h, w) with B={batch_size}, "
-            f"got shape {tuple(saliency.shape)}"
-        )
-    return saliency
-
-
 class MaskedViews(nn.Module):
     """Mask the two augmented views of a batch for one contrastive step, on the device.
 
@@ -129,9 +107,9 @@ class MaskedViews(nn.Module):
         scda: localization network computing saliency on the fly when none is passed to ``forward``.
         hard_negatives: make hard negatives; default ``True`` for the saliency-guided strategies, ``False``
             for ``"mscn"`` (which then needs saliency) and ``"none"`` (which cannot make them).
-        ratio: alpha, the fraction of the patch grid masked in the query, fixed or a ``(low, high)`` range
+        mask_ratio: alpha, the fraction of the patch grid masked in the query, fixed or a ``(low, high)`` range
             drawn per image.
-        hard_negative_ratio: beta, the fraction of the foreground masked in a hard negative.
+        hard_negative_mask_ratio: beta, the fraction of the foreground masked in a hard negative.
         patch_size: patch side in pixels (32 gives the paper's 7x7 grid at 224 px; scale it with the view,
             e.g. 8 for 64 px views).
         mask_type_probs: probabilities of ``"spatial"``, ``"channel"`` and ``"focal"`` masks for the query
@@ -170,8 +148,8 @@ class MaskedViews(nn.Module):
         *,
         scda: SCDA | None = None,
         hard_negatives: bool | None = None,
-        ratio: float | tuple[float, float] = MASK_RATIO,
-        hard_negative_ratio: float | tuple[float, float] = HARD_NEGATIVE_MASK_RATIO,
+        mask_ratio: float | tuple[float, float] = MASK_RATIO,
+        hard_negative_mask_ratio: float | tuple[float, float] = HARD_NEGATIVE_MASK_RATIO,
         patch_size: int | tuple[int, int] = PATCH_SIZE,
         mask_type_probs: dict[str, float] | None = None,
         hard_negative_mask_type_probs: dict[str, float] | None = None,
@@ -226,8 +204,8 @@ class MaskedViews(nn.Module):
             )
         self.scda = scda
         self.generator = generator
-        self.ratio = check_ratio(ratio)
-        self.hard_negative_ratio = check_ratio(hard_negative_ratio, "hard_negative_ratio")
+        self.mask_ratio = check_mask_ratio(mask_ratio)
+        self.hard_negative_mask_ratio = check_mask_ratio(hard_negative_mask_ratio, "hard_negative_mask_ratio")
         self.patch_size = patch_size
         self.mask_type_probs = check_mask_type_probs(mask_type_probs or setup.mask_type_probs)
         self.hard_negative_mask_type_probs = check_mask_type_probs(
@@ -293,13 +271,12 @@ class MaskedViews(nn.Module):
             ValueError: views of different shapes, saliency of the wrong batch size, or saliency needed and
                 neither given nor computable.
         """
-        _check_view(query, "query")
-        _check_view(key, "key")
-        if query.shape != key.shape:
-            raise ValueError(f"query and key must share one shape, got {tuple(query.shape)} and {tuple(key.shape)}")
+        check_views(query, key)
         batch_size = query.shape[0]
-        query_saliency = _as_saliency(query_saliency, batch_size, "query_saliency")
-        key_saliency = _as_saliency(key_saliency, batch_size, "key_saliency")
+        if query_saliency is not None:
+            query_saliency = check_saliency(query_saliency, "query_saliency", batch_size=batch_size)
+        if key_saliency is not None:
+            key_saliency = check_saliency(key_saliency, "key_saliency", batch_size=batch_size)
         if self.fill is None:
             return MaskedViewsOutput(query, key, None, None, None, None)
 
@@ -308,7 +285,7 @@ class MaskedViews(nn.Module):
         query_params = draw_mask_params(
             query.shape,
             query_saliency if self.saliency_guided else None,
-            ratio=self.ratio,
+            mask_ratio=self.mask_ratio,
             mask_type_probs=self.mask_type_probs,
             saliency_threshold=self.saliency_threshold,
             device=query.device,
@@ -325,7 +302,7 @@ class MaskedViews(nn.Module):
             hard_negative_params = draw_mask_params(
                 key.shape,
                 key_saliency,
-                ratio=self.hard_negative_ratio,
+                mask_ratio=self.hard_negative_mask_ratio,
                 hard_negative=True,
                 mask_type_probs=self.hard_negative_mask_type_probs,
                 saliency_threshold=self.saliency_threshold,

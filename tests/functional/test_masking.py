@@ -45,7 +45,7 @@ def test_params_follow_the_saliency_on_any_grid(
     params = draw_mask_params(
         (batch_size, 3, height, width),
         saliency,
-        ratio=ratio,
+        mask_ratio=ratio,
         patch_size=patch_size,
         hard_negative=hard_negative,
         mask_type_probs={"channel": 1.0} if channel_wise else None,
@@ -54,7 +54,7 @@ def test_params_follow_the_saliency_on_any_grid(
     foreground = params["foreground"].flatten(1)
     patch_mask = params["patch_mask"].flatten(2)
     assert patch_mask.shape[1] == (3 if channel_wise else 1)
-    fg_count, bg_count = masked_patch_counts(foreground, params["ratio"], hard_negative=hard_negative)
+    fg_count, bg_count = masked_patch_counts(foreground, params["mask_ratio"], hard_negative=hard_negative)
     assert torch.equal((patch_mask & foreground[:, None]).sum(-1), fg_count[:, None].expand_as(patch_mask[..., 0]))
     assert torch.equal((patch_mask & ~foreground[:, None]).sum(-1), bg_count[:, None].expand_as(patch_mask[..., 0]))
     pixels = render_mask(params, (height, width), patch_size, hard_negative=hard_negative)
@@ -96,7 +96,7 @@ def test_p_decides_which_images_are_masked():
     params = draw_mask_params(
         (400, 3, 64, 64),
         centred_saliency(400),
-        ratio=0.5,
+        mask_ratio=0.5,
         patch_size=8,
         p=0.3,
         hard_negative=True,
@@ -121,9 +121,9 @@ def test_same_on_batch_shares_every_draw():
 
 
 def test_one_image_without_batch_dimension():
-    params = draw_mask_params((3, 224, 224), centred_saliency(1)[0], ratio=0.25)
-    assert render_mask(params, (224, 224)).shape == (1, 224, 224) and params["ratio"].shape == ()
-    masked, _ = mask_images(torch.rand(3, 224, 224), centred_saliency(1)[0], "mean", ratio=0.25)
+    params = draw_mask_params((3, 224, 224), centred_saliency(1)[0], mask_ratio=0.25)
+    assert render_mask(params, (224, 224)).shape == (1, 224, 224) and params["mask_ratio"].shape == ()
+    masked, _ = mask_images(torch.rand(3, 224, 224), centred_saliency(1)[0], "mean", mask_ratio=0.25)
     assert masked.shape == (3, 224, 224)
 
 
@@ -132,7 +132,7 @@ def test_saliency_batch_must_match_the_images():
         draw_mask_params((2, 3, 224, 224), centred_saliency(3))
     with pytest.raises(ValueError, match="saliency holds 2 maps but the images are one image"):
         draw_mask_params((3, 224, 224), centred_saliency(2))
-    with pytest.raises(TypeError, match="saliency must be bool or float"):
+    with pytest.raises(TypeError, match="saliency must be a bool map or float scores"):
         draw_mask_params((2, 3, 224, 224), centred_saliency(2).long())
     with pytest.raises(ValueError, match="needs a saliency map"):
         draw_mask_params((2, 3, 224, 224), hard_negative=True)
@@ -140,7 +140,11 @@ def test_saliency_batch_must_match_the_images():
 
 @pytest.mark.parametrize(
     ("mask_type_probs", "error"),
-    [({"spatial": 0.5}, "sum to 1"), ({"cutout": 1.0}, "unknown mask types"), ({"spatial": 1.5}, "probability")],
+    [
+        ({"spatial": 0.5}, "sum to 1"),
+        ({"cutout": 1.0}, "unknown mask types"),
+        ({"spatial": 1.5}, r"must be in \[0, 1\]"),
+    ],
 )
 def test_bad_mask_type_probabilities_are_rejected(mask_type_probs, error):
     with pytest.raises(ValueError, match=error):
@@ -150,7 +154,9 @@ def test_bad_mask_type_probabilities_are_rejected(mask_type_probs, error):
 @pytest.mark.parametrize("fill", ["blur", "mean", "constant", "noise"])
 def test_batched_fill_equals_per_image_fill_for_the_same_params(fill):
     images = torch.rand(5, 3, 96, 80)
-    params = draw_mask_params(images.shape, ratio=(0.2, 0.6), mask_type_probs=RELEASE_MASK_TYPE_PROBS, patch_size=16)
+    params = draw_mask_params(
+        images.shape, mask_ratio=(0.2, 0.6), mask_type_probs=RELEASE_MASK_TYPE_PROBS, patch_size=16
+    )
     options = {"std": 0.0} if fill == "noise" else {}
     batched = apply_mask(images, params, fill, patch_size=16, **options)
     for index in range(5):
@@ -176,7 +182,7 @@ def test_patch_writes_equal_the_rendered_mask_fill(seed, fill, mask_types, patch
         images = (images * 255).round().to(torch.uint8)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    params = draw_mask_params(images.shape, ratio=(0.1, 0.6), patch_size=patch_size, mask_type_probs=mask_types)
+    params = draw_mask_params(images.shape, mask_ratio=(0.1, 0.6), patch_size=patch_size, mask_type_probs=mask_types)
     rendered = apply_fill(images, render_mask(params, (48, 64), patch_size), fill)
     target = images.clone()
     written = apply_mask(target, params, fill, patch_size=patch_size, inplace=inplace)
@@ -212,7 +218,7 @@ def test_batched_path_is_loop_free(fill, hard_negative, mask_types):
                 images,
                 saliency,
                 fill,
-                ratio=(0.4, 0.7),
+                mask_ratio=(0.4, 0.7),
                 hard_negative=hard_negative,
                 mask_type_probs=mask_types,
                 patch_size=8,
@@ -229,7 +235,12 @@ def test_off_the_cpu_nothing_is_read_back_to_the_host(fill, hard_negative):
     images = torch.rand(8, 3, 64, 64, device="meta")
     saliency = torch.rand(8, 7, 7, device="meta") < 0.5
     masked, params = mask_images(
-        images, saliency, fill, ratio=(0.4, 0.7), hard_negative=hard_negative, mask_type_probs=RELEASE_MASK_TYPE_PROBS
+        images,
+        saliency,
+        fill,
+        mask_ratio=(0.4, 0.7),
+        hard_negative=hard_negative,
+        mask_type_probs=RELEASE_MASK_TYPE_PROBS,
     )
     assert masked.shape == images.shape and masked.device.type == "meta"
     assert all(value.device.type == "meta" for value in params.values())
@@ -255,6 +266,6 @@ def test_cuda_matches_cpu_for_the_same_params(fill):
     cpu = apply_mask(images, params, fill, **options)
     cuda = apply_mask(images.cuda(), {name: value.cuda() for name, value in params.items()}, fill, **options)
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-4)
-    cuda_params = draw_mask_params(images.shape, centred_saliency(6).cuda(), ratio=0.25)
+    cuda_params = draw_mask_params(images.shape, centred_saliency(6).cuda(), mask_ratio=0.25)
     assert cuda_params["patch_mask"].device.type == "cuda"
     assert (cuda_params["patch_mask"].flatten(1).sum(1) == 12).all()

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from salmask.functional import (
     draw_focal_windows,
+    draw_mask_ratios,
     draw_mask_types,
-    draw_ratios,
     focal_window_mask,
     masked_patch_counts,
     sample_patch_mask,
@@ -126,7 +126,7 @@ def test_uniform_masking_without_saliency():
 
 def test_same_seed_same_masks():
     foreground = random_foreground(4, 49, seed=3)
-    ratios = draw_ratios((0.05, 0.25), 4, generator=torch.Generator().manual_seed(5))
+    ratios = draw_mask_ratios((0.05, 0.25), 4, generator=torch.Generator().manual_seed(5))
     first = sample_patch_mask(foreground, ratios, generator=torch.Generator().manual_seed(7))
     second = sample_patch_mask(foreground, ratios, generator=torch.Generator().manual_seed(7))
     assert torch.equal(first, second)
@@ -136,19 +136,19 @@ def test_same_seed_same_masks():
 @given(low=st.floats(0, 1), width=st.floats(0, 1), seed=st.integers(0, 2**31))
 def test_ratios_stay_in_their_range(low, width, seed):
     high = min(1.0, low + width)
-    ratios = draw_ratios((low, high), 32, generator=torch.Generator().manual_seed(seed))
+    ratios = draw_mask_ratios((low, high), 32, generator=torch.Generator().manual_seed(seed))
     assert ((ratios >= low) & (ratios <= high)).all()
 
 
 @pytest.mark.parametrize("ratio", [(-0.1, 0.2), (0.2, 1.5), float("nan"), 2.0])
 def test_ratio_outside_unit_interval_is_rejected(ratio):
     with pytest.raises(ValueError, match="ratio must lie in"):
-        draw_ratios(ratio, 2)
+        draw_mask_ratios(ratio, 2)
 
 
 def test_reversed_ratio_range_is_rejected():
     with pytest.raises(ValueError, match="reversed"):
-        draw_ratios((0.3, 0.1), 2)
+        draw_mask_ratios((0.3, 0.1), 2)
 
 
 def test_mask_types_follow_their_probabilities():

@@ -80,7 +80,7 @@ def test_none_returns_the_given_tensors_untouched():
 def test_query_changes_only_where_its_mask_says(strategy):
     query, key = views()
     saliency = object_saliency()
-    out = masker(strategy, ratio=0.25)(query, key, saliency, saliency)
+    out = masker(strategy, mask_ratio=0.25)(query, key, saliency, saliency)
     mask = pixels(out.query_params).expand_as(query)
     assert torch.equal(out.query[~mask], query[~mask])
     assert (out.query[mask] != query[mask]).all()
@@ -150,14 +150,14 @@ def test_hard_negatives_follow_the_key_saliency_and_the_query_its_own():
 def test_each_image_draws_its_own_masks():
     query, key = views()
     saliency = object_saliency()
-    out = masker("mean", ratio=0.5, hard_negative_mask_type_probs={"spatial": 1.0})(query, key, saliency, saliency)
+    out = masker("mean", mask_ratio=0.5, hard_negative_mask_type_probs={"spatial": 1.0})(query, key, saliency, saliency)
     patches = out.query_params["patch_mask"][:, 0].flatten(1)
     assert len({tuple(row.tolist()) for row in patches}) > 1
 
 
 def test_mscn_masks_uniformly_without_saliency_and_makes_no_hard_negatives():
     query, key = views()
-    out = masker("mscn", mask_type_probs={"spatial": 1.0}, ratio=0.5)(query, key)
+    out = masker("mscn", mask_type_probs={"spatial": 1.0}, mask_ratio=0.5)(query, key)
     assert out.query_params["foreground"].all()
     assert out.query_params["patch_mask"].flatten(1).sum(1).tolist() == [8] * BATCH
     assert out.hard_negatives is None
@@ -283,7 +283,7 @@ def test_bad_arguments_name_what_is_wrong():
         views_(query[0], key)
     with pytest.raises(ValueError, match="share one shape"):
         views_(query, key[:2])
-    with pytest.raises(ValueError, match="key_saliency must hold one map per image"):
+    with pytest.raises(ValueError, match="key_saliency holds 2 maps but the images are a batch of 4"):
         views_(query, key, object_saliency(), object_saliency()[:2])
     with pytest.raises(TypeError, match="query_saliency must be a Saliency"):
         views_(query, key, [[True]], object_saliency())
