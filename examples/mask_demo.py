@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -53,6 +54,17 @@ def show(image: torch.Tensor, high_passed: bool = False):
         # High-passed views are signed and small; stretch them around grey to be seen.
         image = (image * 3 + 0.5).clamp(0, 1)
     return image.permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def save_figure(figure: plt.Figure, axes: Any, out: Path) -> None:
+    """Write a grid of images without ticks to ``out``."""
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -103,13 +115,7 @@ def main() -> None:
                 axes[row, column].set_title(title, fontsize=9)
         if row == 0:
             axes[row, 0].set_title("foreground patches", fontsize=9)
-    for axis in axes.flat:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    save_figure(figure, axes, args.out)
 
 
 if __name__ == "__main__":

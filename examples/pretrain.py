@@ -28,16 +28,16 @@ import argparse
 import inspect
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
+
+# The scripts' shared helpers: examples/_common.py (a script's own folder is on sys.path when it runs).
+from _common import evaluation_transform, finish, ordered_loader, run, seed_everything, setup_logging
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
@@ -51,8 +51,6 @@ from salmask.distributed import get_rank, get_world_size, init_distributed
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_scda
 from salmask.ssl import (
     STRATEGIES,
-    BadImageError,
-    CheckpointError,
     MaskedViews,
     MoCo,
     ResumableSampler,
@@ -348,13 +346,6 @@ def augmentation(method: str, size: int) -> v2.Compose:
     )
 
 
-def evaluation_transform(size: int, resize: bool) -> v2.Compose:
-    steps = [v2.Resize(size * 8 // 7, antialias=True), v2.CenterCrop(size)] if resize else []
-    return v2.Compose(
-        [*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
-
-
 def build_datasets(config: dict[str, Any]) -> tuple[Any, Any, Any, int]:
     """(training set of view pairs, kNN bank, kNN queries, number of classes)."""
     views = TwoViews(augmentation(config["method"], config["image_size"]))
@@ -470,12 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     config, checkpoint = resolve_config(argv)
     device = init_distributed(config["device"])
     rank, world_size = get_rank(), get_world_size()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    setup_logging(rank)
     on_gpu = device.type == "cuda"
     amp = on_gpu if config["amp"] is None else config["amp"]
     channels_last = on_gpu if config["channels_last"] is None else config["channels_last"]
@@ -484,9 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.get("batch_norm") == "sync" and world_size > 1 and not on_gpu:
         raise SystemExit("--batch-norm sync: SyncBatchNorm needs CUDA; use shuffle on the CPU")
     # Each rank draws its own masks; items draw their augmentation from (seed, epoch, index).
-    torch.manual_seed(config["seed"] + rank)
-    np.random.seed(config["seed"] + rank)  # noqa: NPY002 (for third-party transforms)
-    random.seed(config["seed"] + rank)
+    seed_everything(config["seed"] + rank)
     output_dir = Path(config["output_dir"])
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -508,11 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=True, **loader_options)
     knn_loaders = [
-        DataLoader(
-            SeededDataset(dataset, seed=config["seed"], on_bad_image=config["on_bad_image"]),
-            batch_size=per_rank_batch * 2,
-            sampler=ResumableSampler(dataset, shuffle=False),
-            **loader_options,
+        ordered_loader(
+            dataset, per_rank_batch * 2, seed=config["seed"], on_bad_image=config["on_bad_image"], **loader_options
         )
         for dataset in (bank_set, query_set)
     ]
@@ -632,9 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                     save(epoch, step, {"loss": loss})
                     logger.info("stopped by signal at epoch %d, step %d; checkpoint written", epoch, step)
                     metrics.close()
-                    if dist.is_initialized():
-                        dist.destroy_process_group()
-                    return 0
+                    return finish()
             progress.close()
 
             done_steps = max(step - first_step, 1)
@@ -657,14 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(query_set)} validation images) after {config['epochs']} epochs; "
             f"checkpoint {output_dir / 'checkpoint.pt'}"
         )
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BadImageError, CheckpointError) as error:
-        # Bad input, named in the message: no traceback to dig through.
-        sys.exit(f"error: {error}")
+    run(main)

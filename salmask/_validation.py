@@ -201,8 +201,14 @@ def check_views(query: Any, key: Any, names: tuple[str, str] = ("query", "key"))
         )
 
 
-def check_hard_negative_views(hard_negatives: Any, query: Tensor) -> None:
-    """Hard-negative views ``(B, C, H, W)`` or ``(B, M, C, H, W)`` of the query's images."""
+def check_step_views(query: Any, key: Any, hard_negatives: Any, hard_negative_valid: Any) -> None:
+    """The views of a training step: query and key (:func:`check_views`), and hard negatives ``(B, C, H, W)``
+    or ``(B, M, C, H, W)`` of the query's images, whose validity comes only with them."""
+    check_views(query, key)
+    if hard_negatives is None:
+        if hard_negative_valid is not None:
+            raise ValueError("hard_negative_valid was given without hard_negatives")
+        return
     check_tensor(hard_negatives, "hard_negatives", floating=True)
     batch_size, *image_shape = query.shape
     shape = tuple(hard_negatives.shape)

@@ -61,7 +61,9 @@ _scripts: dict[str, object] = {}
 
 
 def script(name: str):
-    """Import examples/<name>.py as a module (once)."""
+    """Import examples/<name>.py as a module (once), with its folder on sys.path as when it runs."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
     if name not in _scripts:
         spec = importlib.util.spec_from_file_location(f"salmask_example_{name}", EXAMPLES / f"{name}.py")
         module = importlib.util.module_from_spec(spec)

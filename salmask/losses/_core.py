@@ -7,6 +7,9 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from salmask._validation import check_choice, check_positive, raise_if_not_finite
 
 __all__ = ["InfoNCEOutput"]
 
@@ -94,3 +97,42 @@ def _hard_negative_cross_entropy(
     else:
         loss = per_anchor
     return InfoNCEOutput(loss, logits, targets)
+
+
+class _ContrastiveLoss(nn.Module):
+    """What both forms share: tau, rho, normalisation, reduction, the finite check, the cross-entropy."""
+
+    def __init__(
+        self, temperature: float, hard_negative_weight: float, normalize: bool, reduction: str, check_finite: bool
+    ) -> None:
+        super().__init__()
+        self.temperature = check_positive(temperature, "temperature")
+        self.hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
+        self.normalize = bool(normalize)
+        self.reduction = check_choice(reduction, "reduction", _REDUCTIONS)
+        self.check_finite = bool(check_finite)
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, hard_negative_weight={self.hard_negative_weight}, "
+            f"normalize={self.normalize}, reduction={self.reduction!r}"
+        )
+
+    def _check_finite(self, named_tensors: dict[str, torch.Tensor | None]) -> None:
+        if self.check_finite:
+            given = {name: tensor for name, tensor in named_tensors.items() if tensor is not None}
+            raise_if_not_finite(given, _FINITE_HINT)
+
+    def _prepare(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _prepare(tensor, dtype, self.normalize)
+
+    def _cross_entropy(
+        self,
+        positive: torch.Tensor,
+        negatives: torch.Tensor | None,
+        hard: torch.Tensor | None,
+        hard_valid: torch.Tensor | None,
+    ) -> InfoNCEOutput:
+        return _hard_negative_cross_entropy(
+            positive, negatives, hard, hard_valid, self.temperature, self.hard_negative_weight, self.reduction
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from salmask._defaults import HARD_NEGATIVE_WEIGHT, TEMPERATURE
 from salmask._validation import (
@@ -13,25 +12,22 @@ from salmask._validation import (
     check_tensor,
     hard_negatives_as_batch,
     negatives_as_rows,
-    raise_if_not_finite,
 )
 from salmask.losses._core import (
-    _FINITE_HINT,
     _LAYOUTS,
-    _REDUCTIONS,
     InfoNCEOutput,
     NegativesLayout,
     Reduction,
     _autocast_disabled,
     _compute_dtype,
-    _hard_negative_cross_entropy,
+    _ContrastiveLoss,
     _prepare,
 )
 
 __all__ = ["HardNegativeInfoNCE", "extend_moco_logits"]
 
 
-class HardNegativeInfoNCE(nn.Module):
+class HardNegativeInfoNCE(_ContrastiveLoss):
     """InfoNCE of a (masked) query against its key, other negatives and rho-weighted hard negatives.
 
     For each of the B queries, with tau the temperature and rho the hard-negative weight::
@@ -88,20 +84,11 @@ class HardNegativeInfoNCE(nn.Module):
         negatives_layout: NegativesLayout = "auto",
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
-        self.temperature = check_positive(temperature, "temperature")
-        self.hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
-        self.normalize = bool(normalize)
-        self.reduction = check_choice(reduction, "reduction", _REDUCTIONS)
+        super().__init__(temperature, hard_negative_weight, normalize, reduction, check_finite)
         self.negatives_layout = check_choice(negatives_layout, "negatives_layout", _LAYOUTS)
-        self.check_finite = bool(check_finite)
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, hard_negative_weight={self.hard_negative_weight}, "
-            f"normalize={self.normalize}, reduction={self.reduction!r}, "
-            f"negatives_layout={self.negatives_layout!r}"
-        )
+        return f"{super().extra_repr()}, negatives_layout={self.negatives_layout!r}"
 
     def forward(
         self,
@@ -139,34 +126,17 @@ class HardNegativeInfoNCE(nn.Module):
             raise ValueError("pass negatives, hard_negatives or both: with neither there is nothing to contrast")
         negative_rows = None if negatives is None else negatives_as_rows(negatives, dim, self.negatives_layout)
         hard, hard_valid = hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
-        if self.check_finite:
-            named = {"query": query, "key": key}
-            if negative_rows is not None:
-                named["negatives"] = negative_rows
-            if hard is not None:
-                named["hard_negatives"] = hard
-            raise_if_not_finite(named, _FINITE_HINT)
+        self._check_finite({"query": query, "key": key, "negatives": negative_rows, "hard_negatives": hard})
 
         dtype = _compute_dtype(query, key, negative_rows, hard)
         with _autocast_disabled(query.device):
-            query = _prepare(query, dtype, self.normalize)
-            key = _prepare(key, dtype, self.normalize)
+            query, key = self._prepare(query, dtype), self._prepare(key, dtype)
             positive = (query * key).sum(dim=1)
-            negative_logits = None
-            if negative_rows is not None:
-                negative_logits = query @ _prepare(negative_rows, dtype, self.normalize).t()
+            negative_logits = None if negative_rows is None else query @ self._prepare(negative_rows, dtype).t()
             hard_logits = None
             if hard is not None:
-                hard_logits = torch.einsum("bd,bmd->bm", query, _prepare(hard, dtype, self.normalize))
-            output = _hard_negative_cross_entropy(
-                positive,
-                negative_logits,
-                hard_logits,
-                hard_valid,
-                self.temperature,
-                self.hard_negative_weight,
-                self.reduction,
-            )
+                hard_logits = torch.einsum("bd,bmd->bm", query, self._prepare(hard, dtype))
+            output = self._cross_entropy(positive, negative_logits, hard_logits, hard_valid)
         return output if return_logits else output.loss
 
 

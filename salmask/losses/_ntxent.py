@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from salmask._defaults import HARD_NEGATIVE_WEIGHT, TEMPERATURE
 from salmask._validation import (
-    check_choice,
     check_embedding_pair,
-    check_positive,
     hard_negatives_as_batch,
-    raise_if_not_finite,
 )
 from salmask.distributed import all_gather_with_grad, get_rank, get_world_size
 from salmask.losses._core import (
-    _FINITE_HINT,
-    _REDUCTIONS,
     InfoNCEOutput,
     Reduction,
     _autocast_disabled,
     _compute_dtype,
-    _hard_negative_cross_entropy,
-    _prepare,
+    _ContrastiveLoss,
 )
 
 __all__ = ["NTXentLoss"]
@@ -48,7 +41,7 @@ def _in_batch_negative_columns(num_local: int, world_size: int, rank: int, devic
     return slots + (slots >= low).long() + (slots >= high - 1).long()
 
 
-class NTXentLoss(nn.Module):
+class NTXentLoss(_ContrastiveLoss):
     """SimCLR's NT-Xent loss over the 2B views, with optional rho-weighted hard negatives.
 
     Every one of the 2B views is an anchor; its positive is the other view of the same image and its
@@ -95,20 +88,13 @@ class NTXentLoss(nn.Module):
         symmetric_hard_negatives: bool = False,
         check_finite: bool = True,
     ) -> None:
-        super().__init__()
-        self.temperature = check_positive(temperature, "temperature")
-        self.hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
-        self.normalize = bool(normalize)
-        self.reduction = check_choice(reduction, "reduction", _REDUCTIONS)
+        super().__init__(temperature, hard_negative_weight, normalize, reduction, check_finite)
         self.gather_distributed = bool(gather_distributed)
         self.symmetric_hard_negatives = bool(symmetric_hard_negatives)
-        self.check_finite = bool(check_finite)
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, hard_negative_weight={self.hard_negative_weight}, "
-            f"normalize={self.normalize}, reduction={self.reduction!r}, "
-            f"gather_distributed={self.gather_distributed}, "
+            f"{super().extra_repr()}, gather_distributed={self.gather_distributed}, "
             f"symmetric_hard_negatives={self.symmetric_hard_negatives}"
         )
 
@@ -149,16 +135,11 @@ class NTXentLoss(nn.Module):
                 "or hard negatives; got B=1"
             )
         hard, hard_valid = hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
-        if self.check_finite:
-            named = {"view_a": view_a, "view_b": view_b}
-            if hard is not None:
-                named["hard_negatives"] = hard
-            raise_if_not_finite(named, _FINITE_HINT)
+        self._check_finite({"view_a": view_a, "view_b": view_b, "hard_negatives": hard})
 
         dtype = _compute_dtype(view_a, view_b, hard)
         with _autocast_disabled(view_a.device):
-            view_a = _prepare(view_a, dtype, self.normalize)
-            view_b = _prepare(view_b, dtype, self.normalize)
+            view_a, view_b = self._prepare(view_a, dtype), self._prepare(view_b, dtype)
             if world_size > 1:
                 candidates = torch.cat([all_gather_with_grad(view_a), all_gather_with_grad(view_b)])
             else:
@@ -171,7 +152,7 @@ class NTXentLoss(nn.Module):
 
             hard_logits = None
             if hard is not None:
-                hard = _prepare(hard, dtype, self.normalize)
+                hard = self._prepare(hard, dtype)
                 hard_logits = torch.cat(
                     [
                         torch.einsum("bd,bmd->bm", view_a, hard),
@@ -182,13 +163,5 @@ class NTXentLoss(nn.Module):
                     hard_valid = torch.ones(hard.shape[:2], dtype=torch.bool, device=hard.device)
                 second = hard_valid if self.symmetric_hard_negatives else torch.zeros_like(hard_valid)
                 hard_valid = torch.cat([hard_valid, second])
-            output = _hard_negative_cross_entropy(
-                positive,
-                negative_logits,
-                hard_logits,
-                hard_valid,
-                self.temperature,
-                self.hard_negative_weight,
-                self.reduction,
-            )
+            output = self._cross_entropy(positive, negative_logits, hard_logits, hard_valid)
         return output if return_logits else output.loss

@@ -116,3 +116,13 @@ def projection_head(
         layers.append(nn.BatchNorm1d(hidden_features))
     layers += [nn.ReLU(inplace=True), nn.Linear(hidden_features, out_features)]
     return nn.Sequential(*layers)
+
+
+def head_for(
+    encoder: nn.Module, feature_dim: int | None, hidden_dim: int | None, dim: int, projector: nn.Module | None
+) -> tuple[int, nn.Module]:
+    """The encoder's feature size and the projection head on it: ``projector`` if given, else the MLP."""
+    feature_dim = feature_dim_of(encoder, feature_dim)
+    if projector is not None and not isinstance(projector, nn.Module):
+        raise TypeError(f"projector must be an nn.Module or None, got {type(projector).__name__}")
+    return feature_dim, projection_head(feature_dim, hidden_dim, dim) if projector is None else projector

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salmask._defaults import EMBEDDING_DIM, HARD_NEGATIVE_WEIGHT, KEY_ENCODER_MOMENTUM, QUEUE_SIZE, TEMPERATURE
-from salmask._validation import check_choice, check_hard_negative_views, check_probability, check_views
+from salmask._validation import check_choice, check_probability, check_step_views
 from salmask.distributed import all_gather, get_rank, get_world_size
 from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput
-from salmask.ssl._encoders import feature_dim_of, projection_head
+from salmask.ssl._encoders import head_for
 from salmask.ssl._queue import MomentumQueue
 
 __all__ = ["BATCH_NORM_MODES", "MoCo", "batch_shuffle", "batch_unshuffle"]
@@ -144,16 +144,12 @@ class MoCo(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        feature_dim = feature_dim_of(encoder, feature_dim)
-        check_choice(batch_norm, "batch_norm", BATCH_NORM_MODES)
-        if projector is not None and not isinstance(projector, nn.Module):
-            raise TypeError(f"projector must be an nn.Module or None, got {type(projector).__name__}")
+        self.feature_dim, projector = head_for(encoder, feature_dim, hidden_dim, dim, projector)
         self.momentum = momentum  # validated by the property setter
-        self.batch_norm = batch_norm
-        self.feature_dim = feature_dim
+        self.batch_norm = check_choice(batch_norm, "batch_norm", BATCH_NORM_MODES)
         self.dim = dim
         self.encoder = encoder
-        self.projector = projection_head(feature_dim, hidden_dim, dim) if projector is None else projector
+        self.projector = projector
         if batch_norm == "sync":
             self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
             self.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.projector)
@@ -230,11 +226,7 @@ class MoCo(nn.Module):
             :class:`~salmask.InfoNCEOutput` ``(loss, logits, targets)``; ``(logits.argmax(1) ==
             targets)`` is the instance-discrimination accuracy.
         """
-        check_views(query, key)
-        if hard_negatives is not None:
-            check_hard_negative_views(hard_negatives, query)
-        elif hard_negative_valid is not None:
-            raise ValueError("hard_negative_valid was given without hard_negatives")
+        check_step_views(query, key, hard_negatives, hard_negative_valid)
         if self.training:
             self.momentum_update()
         query_embedding = self.embed_query(query)
