@@ -40,7 +40,7 @@ def build(options: dict, **extra: object) -> SaliencyMask:
     options = {**options, **extra}
     if options.pop("recipe", None) == "high_pass":
         return HighPassMask(**options)
-    return build(options)
+    return SaliencyMask(**options)
 
 
 def strategies() -> dict[str, dict]:

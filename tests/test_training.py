@@ -559,3 +559,17 @@ def test_pretrained_encoder_loads_the_query_encoder(moco_checkpoint):
     reference = build_encoder("resnet18", small_images=True)
     assert encoder.conv1.kernel_size == reference.conv1.kernel_size == (3, 3)
     torch.testing.assert_close(encoder.conv1.weight, checkpoint["model"]["encoder.conv1.weight"])
+
+
+def test_every_script_evaluates_on_the_same_three_channel_images():
+    # One evaluation transform for the pretraining kNN monitor and both evaluation scripts: a grayscale
+    # file of an ImageFolder gives the three channels the encoder expects (the monitor once lacked v2.RGB).
+    scripts = [script(name) for name in ("pretrain", "knn_eval", "linear_eval")]
+    shared = sys.modules["_common"].evaluation_transform
+    assert all(module.evaluation_transform is shared for module in scripts)
+    gray = Image.new("L", (40, 30), color=128)
+    for resize in (False, True):
+        image = shared(32, resize)(gray)
+        assert image.shape[0] == 3 and (not resize or image.shape[1:] == (32, 32))
+    train, test = script("linear_eval").transforms(32, resize=True)
+    assert train(gray).shape == test(gray).shape == (3, 32, 32)
