@@ -56,7 +56,7 @@ from torchvision.ops import roi_align
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, markdown_table, write_report
 
-from salmask import build_scda
+from salmask import HighPassFilter, build_scda
 from salmask.functional import high_pass
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import MaskedViews, MoCo, build_encoder
@@ -188,7 +188,7 @@ def masked_views(config: str, generator: torch.Generator) -> MaskedViews:
     if config == "none":
         return MaskedViews("none", generator=generator)
     if config in ("mscn", "high_pass"):
-        return MaskedViews(config, fill_options=dict(HIGH_PASS), **options)
+        return MaskedViews(config, input_filter=HighPassFilter(**HIGH_PASS), **options)
     if config == "blur":
         return MaskedViews(
             "blur", fill_options=dict(STRONG_BLUR), hard_negative_fill_options=dict(STRONG_BLUR), **options

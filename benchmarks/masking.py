@@ -29,30 +29,38 @@ from torchvision.transforms.v2 import functional as TF
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OperatorCounter, markdown_table, median_ratio, time_call, time_interleaved, write_report
 
-from salmask import RELEASE_MASK_TYPE_PROBS, Saliency, SaliencyMask
+from salmask import RELEASE_MASK_TYPE_PROBS, HighPassMask, Saliency, SaliencyMask
 from salmask.functional import gaussian_blur
 
 SPATIAL = {"spatial": 1.0}
 
 
+def build(options: dict, **extra: object) -> SaliencyMask:
+    """The transform of a configuration: ``recipe="high_pass"`` is HighPassMask, else SaliencyMask(fill=...)."""
+    options = {**options, **extra}
+    if options.pop("recipe", None) == "high_pass":
+        return HighPassMask(**options)
+    return SaliencyMask(**options)
+
+
 def strategies() -> dict[str, dict]:
-    """Each benchmarked configuration as keyword arguments of SaliencyMask (values checks off, as in training)."""
+    """Each benchmarked configuration as keyword arguments of :func:`build`."""
     return {
-        "mean": {"strategy": "mean"},
-        "constant": {"strategy": "constant"},
-        "noise": {"strategy": "noise"},
-        "blur": {"strategy": "blur"},
-        "high-pass (spatial)": {"strategy": "high_pass", "mask_type_probs": SPATIAL},
-        "high-pass (channel-wise)": {"strategy": "high_pass", "mask_type_probs": {"channel": 1.0}},
-        "high-pass (focal)": {"strategy": "high_pass", "mask_type_probs": {"focal": 1.0}},
-        "high-pass (release mix)": {"strategy": "high_pass", "mask_type_probs": RELEASE_MASK_TYPE_PROBS},
+        "mean": {"fill": "mean"},
+        "constant": {"fill": "constant"},
+        "noise": {"fill": "noise"},
+        "blur": {"fill": "blur"},
+        "high-pass (spatial)": {"recipe": "high_pass", "mask_type_probs": SPATIAL},
+        "high-pass (channel-wise)": {"recipe": "high_pass", "mask_type_probs": {"channel": 1.0}},
+        "high-pass (focal)": {"recipe": "high_pass", "mask_type_probs": {"focal": 1.0}},
+        "high-pass (release mix)": {"recipe": "high_pass", "mask_type_probs": RELEASE_MASK_TYPE_PROBS},
         "hard negative (high-pass)": {
-            "strategy": "high_pass",
+            "recipe": "high_pass",
             "hard_negative": True,
-            "ratio": (0.4, 0.7),
+            "mask_ratio": (0.4, 0.7),
             "mask_type_probs": RELEASE_MASK_TYPE_PROBS,
         },
-        "hard negative (blur)": {"strategy": "blur", "hard_negative": True, "ratio": (0.4, 0.7)},
+        "hard negative (blur)": {"fill": "blur", "hard_negative": True, "mask_ratio": (0.4, 0.7)},
     }
 
 
@@ -102,8 +110,8 @@ def throughput(device: torch.device, batch_size: int, size: int, repeats: int) -
     torchvision_ms = time_call(lambda: TF.gaussian_blur(images, [31, 31], [10.0, 10.0]), device, max(1, repeats // 2))
     rows = []
     for name, options in strategies().items():
-        transform = SaliencyMask(**options, check_values=False)
-        inplace = SaliencyMask(**options, check_values=False, inplace=True)
+        transform = build(options, check_values=False)
+        inplace = build(options, check_values=False, inplace=True)
         # Each configuration is timed in rounds with its limits, and compared with them round by round.
         t = time_interleaved(
             {**limits, "out": lambda t=transform: t(images, saliency), "in": lambda t=inplace: t(buffer, saliency)},
@@ -164,11 +172,11 @@ def operator_counts(device: torch.device, size: int) -> str:
         saliency = torch.rand(batch_size, 7, 7, device=device) < 0.45
         counts = []
         for options in (
-            {"strategy": "high_pass", "mask_type_probs": RELEASE_MASK_TYPE_PROBS},
-            {"strategy": "blur"},
-            {"strategy": "mean"},
+            {"recipe": "high_pass", "mask_type_probs": RELEASE_MASK_TYPE_PROBS},
+            {"fill": "blur"},
+            {"fill": "mean"},
         ):
-            transform = SaliencyMask(**options, check_values=False)
+            transform = build(options, check_values=False)
             with OperatorCounter() as counter:
                 transform(images, Saliency(saliency))
             counts.append(counter.count)
@@ -193,7 +201,7 @@ def per_image(size: int, count: int) -> str:
         saliency = Saliency(torch.rand(size, size) < 0.45)
         rows = []
         for name, options in strategies().items():
-            transform = SaliencyMask(**options)
+            transform = build(options)
             ms = time_call(
                 lambda t=transform: [t(images[i % 8], saliency) for i in range(count)],
                 torch.device("cpu"),
@@ -234,7 +242,7 @@ def loader(size: int, workers: int, count: int) -> str:
     configurations = {"no masking (clone)": None, **strategies()}
     rows = []
     for name, options in configurations.items():
-        transform = None if options is None else SaliencyMask(**options)
+        transform = None if options is None else build(options)
         dataset = _MaskedImages(size, count + 64 * workers, transform)
         batches = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers, persistent_workers=False)
         iterator = iter(batches)

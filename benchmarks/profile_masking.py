@@ -20,9 +20,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_report
-from masking import strategies
+from masking import build, strategies
 
-from salmask import Saliency, SaliencyMask
+from salmask import Saliency
 
 
 def profiled(call, calls: int, device: torch.device) -> list[tuple[str, int, float]]:
@@ -74,7 +74,7 @@ def main() -> None:
     ]
     configurations = strategies()
     for name in args.configs:
-        transform = SaliencyMask(**configurations[name], check_values=False, inplace=True)
+        transform = build(configurations[name], check_values=False, inplace=True)
         rows = profiled(lambda t=transform: t(buffer, saliency), args.calls, device)
         total = sum(ms for _, _, ms in rows)
         table = [[op, count, f"{ms:.2f}", f"{ms / copy_ms:.2f}x"] for op, count, ms in rows[: args.top]]

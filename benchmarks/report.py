@@ -24,6 +24,7 @@ RESULTS = BENCHMARKS / "results"
 # (section file, script, full arguments, quick arguments), in the order of the list.
 SECTIONS = [
     ("masking", "masking.py", [], ["--batch-size", "16", "--repeats", "3", "--per-image-count", "16"]),
+    ("masking_costs", "masking_costs.py", [], ["--repeats", "7"]),
     ("profile", "profile_masking.py", [], ["--batch-size", "16"]),
     ("saliency_cost", "saliency_cost.py", [], ["--batch", "8", "--repeats", "1", "--crops", "5"]),
     ("moco_step", "moco_step.py", [], ["--archs", "resnet18", "--batch", "8", "--repeats", "2"]),

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation
 from _common import markdown_table, write_report
 
-from salmask import build_scda
+from salmask import HighPassFilter, build_scda
 from salmask.functional import high_pass
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from salmask.ssl import MaskedViews, build_encoder, projection_head
@@ -68,7 +68,7 @@ def variants(high_pass_options: dict, blur_options: dict, patch: int, seed: int)
 
     return {
         "standard": lambda views, saliency: views,
-        "+ high-pass masking": masked("high_pass", fill_options=dict(high_pass_options)),
+        "+ high-pass masking": masked("high_pass", input_filter=HighPassFilter(**high_pass_options)),
         "high-pass filter, no masking": lambda views, saliency: high_pass(views, **high_pass_options),
         "+ strong blur masking": masked("blur", fill_options=dict(blur_options)),
         "+ mean masking": masked("mean"),

@@ -219,9 +219,18 @@ def include_benchmark_results(app: Sphinx) -> None:
         RESULTS_PAGE.write_text(content)
 
 
+def show_public_bases(app: Sphinx, name: str, obj: object, options: object, bases: list) -> None:
+    """Show a class deriving from a private base (a shared implementation) as deriving from its public base."""
+    bases[:] = [
+        next(c for c in base.__mro__ if not c.__name__.startswith("_")) if isinstance(base, type) else base
+        for base in bases
+    ]
+
+
 def setup(app: Sphinx) -> None:
     app.connect("builder-inited", include_benchmark_results)
     app.connect("builder-inited", generate_gallery)
     app.connect("missing-reference", resolve_public_alias)
     app.connect("autodoc-process-docstring", document_reexported_data)
     app.connect("autodoc-skip-member", skip_namedtuple_fields)
+    app.connect("autodoc-process-bases", show_public_bases)

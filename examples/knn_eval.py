@@ -12,23 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader
+# The scripts' shared helpers: examples/_common.py (a script's own folder is on sys.path when it runs).
+from _common import evaluation_transform, finish, ordered_loader, run, setup_logging
 from torchvision import datasets
-from torchvision.transforms import v2
 
 from salmask.data import SyntheticShapes
 from salmask.distributed import get_rank, init_distributed
-from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import (
-    BadImageError,
-    CheckpointError,
-    ResumableSampler,
-    SeededDataset,
     input_filter_of,
     knn_top1,
     load_checkpoint,
@@ -68,26 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--temperature: must be positive, got {args.temperature}")
     device = init_distributed(args.device)
     rank = get_rank()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    setup_logging(rank)
     checkpoint = load_checkpoint(args.checkpoint)
     trained = checkpoint["config"]
     encoder = pretrained_encoder(checkpoint).to(device)
-    input_filter = input_filter_of(trained) if args.input_filter is None else None
-    if args.input_filter:
-        input_filter = input_filter_of(trained) or input_filter_of({"strategy": "high_pass"})
+    input_filter = input_filter_of(trained, enabled=args.input_filter)
     if input_filter is not None:
         logger.info("applying %r to every input (pretraining strategy %r)", input_filter, trained.get("strategy"))
 
     size = args.image_size or trained["image_size"]
-    normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     data = args.data or trained.get("data")
+    transform = evaluation_transform(size, resize=data is not None)
     if data is None:
-        transform = v2.Compose(normalize)
         common = {"image_size": size, "seed": trained.get("seed", 0), "transform": transform, "in_memory": True}
         bank = SyntheticShapes("train", num_images=trained.get("synthetic_train_size"), **common)
         queries = SyntheticShapes("val", num_images=trained.get("synthetic_val_size"), **common)
@@ -95,16 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not (Path(data) / "train").is_dir():
             raise SystemExit(f"--data: {data} has no train/ folder (expected an ImageFolder root with train/ and val/)")
-        transform = v2.Compose([v2.RGB(), v2.Resize(size * 8 // 7, antialias=True), v2.CenterCrop(size), *normalize])
         bank = datasets.ImageFolder(Path(data) / "train", transform=transform)
         queries = datasets.ImageFolder(Path(data) / "val", transform=transform)
         num_classes = len(bank.classes)
     workers = trained.get("workers", 4) if args.workers is None else args.workers
     loaders = [
-        DataLoader(
-            SeededDataset(dataset, on_bad_image=args.on_bad_image),
-            batch_size=args.batch_size,
-            sampler=ResumableSampler(dataset, shuffle=False),
+        ordered_loader(
+            dataset,
+            args.batch_size,
+            on_bad_image=args.on_bad_image,
             num_workers=workers,
             pin_memory=device.type == "cuda",
         )
@@ -118,14 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             f"kNN top-1: {top1:.2f}% (k={args.k}, T={args.temperature}, {len(bank)} bank and {len(queries)} "
             f"validation images) for {args.checkpoint}"
         )
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BadImageError, CheckpointError) as error:
-        # Bad input, named in the message: no traceback to dig through.
-        sys.exit(f"error: {error}")
+    run(main)

@@ -11,7 +11,7 @@ the hard negatives (``MaskedViews``), once per step on the device, before ``trai
 
 Without ``--data`` the images are salmask's synthetic shapes, whose true object masks serve as saliency.
 With ``--data`` (an ImageFolder root with ``train/``) the saliency comes from a cache built by
-``python -m salmask.saliency.cache``. On several devices the run uses DDP without buffer broadcasts (the
+``python -m salmask.saliency.build_cache``. On several devices the run uses DDP without buffer broadcasts (the
 MoCo queue is the same on every rank) and MoCo's shuffle BN across ranks.
 """
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--data", help="ImageFolder root with train/ (default: the built-in synthetic shapes)")
-    add("--saliency-cache", help="saliency cache of DATA/train (python -m salmask.saliency.cache)")
+    add("--saliency-cache", help="saliency cache of DATA/train (python -m salmask.saliency.build_cache)")
     add("--synthetic-size", type=int, default=1024, help="synthetic training images (default 1024)")
     add("--strategy", choices=STRATEGIES, default="high_pass", help="masking strategy (default high_pass)")
     add("--arch", default="resnet18", help="torchvision ResNet (default resnet18)")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return_saliency=True,
         )
     elif args.saliency_cache is None:
-        raise SystemExit("--data needs --saliency-cache (build it with python -m salmask.saliency.cache)")
+        raise SystemExit("--data needs --saliency-cache (build it with python -m salmask.saliency.build_cache)")
     else:
         dataset = SaliencyImageFolder(Path(args.data) / "train", args.saliency_cache, transform=views)
     loader = DataLoader(

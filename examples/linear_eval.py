@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
+
+# The scripts' shared helpers: examples/_common.py (a script's own folder is on sys.path when it runs).
+from _common import evaluation_transform, finish, ordered_loader, run, seed_everything, setup_logging
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -37,10 +37,7 @@ from tqdm import tqdm
 
 from salmask.data import SyntheticShapes
 from salmask.distributed import get_rank, get_world_size, init_distributed
-from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import (
-    BadImageError,
-    CheckpointError,
     ResumableSampler,
     SeededDataset,
     StopSignal,
@@ -153,10 +150,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
 def transforms(size: int, resize: bool) -> tuple[v2.Compose, v2.Compose]:
     """(training, evaluation) transforms of the linear-evaluation protocol."""
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train = v2.Compose([v2.RGB(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *tail])
-    steps = [v2.Resize(size * 8 // 7, antialias=True), v2.CenterCrop(size)] if resize else []
-    return train, v2.Compose([v2.RGB(), *steps, *tail])
+    crop = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    return v2.Compose([*crop, evaluation_transform(size, resize=False)]), evaluation_transform(size, resize)
 
 
 def caltech101_split(dataset: datasets.Caltech101, seed: int) -> tuple[list[int], list[int]]:
@@ -242,16 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = init_distributed(args.device)
     rank, world_size = get_rank(), get_world_size()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    setup_logging(rank)
     config, pretraining, resumed = resolve_config(args)
-    torch.manual_seed(config["seed"] + rank)
-    np.random.seed(config["seed"] + rank)  # noqa: NPY002 (for third-party transforms)
-    random.seed(config["seed"] + rank)
+    seed_everything(config["seed"] + rank)
     output_dir = Path(config["output_dir"])
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -261,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = pretrained_encoder(pretraining)
     trained = pretraining["config"]
     recorded_filter = input_filter_of(trained)
-    input_filter = recorded_filter if config["input_filter"] is None else None
-    if config["input_filter"] is True:
-        input_filter = recorded_filter or input_filter_of({"strategy": "high_pass"})
+    input_filter = input_filter_of(trained, enabled=config["input_filter"])
     if input_filter is not None:
         logger.info(
             "applying %r to every input: the encoder was pretrained with strategy %r on high-pass filtered views",
@@ -277,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
 
     train_set, test_set, num_classes = build_datasets(config)
     train_set = SeededDataset(train_set, seed=config["seed"], on_bad_image=config["on_bad_image"])
-    test_set = SeededDataset(test_set, seed=config["seed"], on_bad_image=config["on_bad_image"])
     per_rank_batch = config["batch_size"] // world_size
     sampler = ResumableSampler(train_set, shuffle=True, seed=config["seed"], drop_last=False)
     loader_options = {
@@ -286,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         "generator": torch.Generator().manual_seed(config["seed"] + rank),
     }
     train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, **loader_options)
-    test_loader = DataLoader(
-        test_set, batch_size=per_rank_batch, sampler=ResumableSampler(test_set, shuffle=False), **loader_options
+    test_loader = ordered_loader(
+        test_set, per_rank_batch, seed=config["seed"], on_bad_image=config["on_bad_image"], **loader_options
     )
     steps_per_epoch = -(-len(sampler) // per_rank_batch)
 
@@ -349,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     logger.info("stopped by signal at epoch %d, step %d; checkpoint written", epoch, step)
                     if metrics_file is not None:
                         metrics_file.close()
-                    if dist.is_initialized():
-                        dist.destroy_process_group()
-                    return 0
+                    return finish()
             progress.close()
             top1, top5 = evaluate(model, test_loader, device)
             record = {
@@ -376,14 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'high-pass' if input_filter is not None else 'none'}"
         )
         metrics_file.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BadImageError, CheckpointError) as error:
-        # Bad input, named in the message: no traceback to dig through.
-        sys.exit(f"error: {error}")
+    run(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -55,6 +56,17 @@ def show(image: torch.Tensor, high_passed: bool = False):
     return image.permute(1, 2, 0).clamp(0, 1).numpy()
 
 
+def save_figure(figure: plt.Figure, axes: Any, out: Path) -> None:
+    """Write a grid of images without ticks to ``out``."""
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/mask_demo.png"))
@@ -71,16 +83,16 @@ def main() -> None:
     # The upper end of each ratio range, so the masks are easy to see.
     spatial = {"spatial": 1.0}
     columns = {
-        "high-pass": (HighPassMask(ratio=0.25, mask_type_probs=spatial, generator=generator), True),
+        "high-pass": (HighPassMask(mask_ratio=0.25, mask_type_probs=spatial, generator=generator), True),
         "high-pass hard neg.": (
-            HardNegativeMask("high_pass", ratio=0.7, mask_type_probs=spatial, generator=generator),
+            HighPassMask(mask_ratio=0.7, hard_negative=True, mask_type_probs=spatial, generator=generator),
             True,
         ),
-        "strong blur": (BlurMask(ratio=0.25, generator=generator), False),
-        "blur hard neg.": (HardNegativeMask("blur", ratio=0.7, generator=generator), False),
-        "mean fill": (MeanFillMask(ratio=0.25, generator=generator), False),
-        "mean hard neg.": (HardNegativeMask("mean", ratio=0.7, generator=generator), False),
-        "MSCN (random)": (HighPassMask(ratio=0.25, mask_type_probs=spatial, generator=generator), True),
+        "strong blur": (BlurMask(mask_ratio=0.25, generator=generator), False),
+        "blur hard neg.": (HardNegativeMask("blur", mask_ratio=0.7, generator=generator), False),
+        "mean fill": (MeanFillMask(mask_ratio=0.25, generator=generator), False),
+        "mean hard neg.": (HardNegativeMask("mean", mask_ratio=0.7, generator=generator), False),
+        "MSCN (random)": (HighPassMask(mask_ratio=0.25, mask_type_probs=spatial, generator=generator), True),
     }
     outputs = {}
     for title, (transform, _) in columns.items():
@@ -103,13 +115,7 @@ def main() -> None:
                 axes[row, column].set_title(title, fontsize=9)
         if row == 0:
             axes[row, 0].set_title("foreground patches", fontsize=9)
-    for axis in axes.flat:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    save_figure(figure, axes, args.out)
 
 
 if __name__ == "__main__":

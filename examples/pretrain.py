@@ -8,7 +8,7 @@ at 32 px on the CPU for a few minutes and prints the kNN top-1 of the result::
 
 On an ImageFolder dataset (``train/`` and ``val/`` subfolders), with a preset reproducing a run of the
 paper (the preset names its method), on 4 GPUs, with saliency from a cache built by
-``python -m salmask.saliency.cache``::
+``python -m salmask.saliency.build_cache``::
 
     torchrun --nproc_per_node=4 examples/pretrain.py --preset in100_moco_high_pass \\
         --data /datasets/imagenet100 --saliency-cache imagenet100-train-saliency.pt
@@ -28,16 +28,16 @@ import argparse
 import inspect
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
+
+# The scripts' shared helpers: examples/_common.py (a script's own folder is on sys.path when it runs).
+from _common import evaluation_transform, finish, ordered_loader, run, seed_everything, setup_logging
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
@@ -46,14 +46,11 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from salmask import HighPassFilter
 from salmask.data import SaliencyImageFolder, SyntheticShapes
 from salmask.distributed import get_rank, get_world_size, init_distributed
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_scda
 from salmask.ssl import (
     STRATEGIES,
-    BadImageError,
-    CheckpointError,
     MaskedViews,
     MoCo,
     ResumableSampler,
@@ -63,8 +60,10 @@ from salmask.ssl import (
     TwoViews,
     build_encoder,
     finite_or_raise,
+    input_filter_of,
     knn_top1,
     load_checkpoint,
+    record_input_filter,
     restore_training_state,
     save_checkpoint,
     training_state,
@@ -347,13 +346,6 @@ def augmentation(method: str, size: int) -> v2.Compose:
     )
 
 
-def evaluation_transform(size: int, resize: bool) -> v2.Compose:
-    steps = [v2.Resize(size * 8 // 7, antialias=True), v2.CenterCrop(size)] if resize else []
-    return v2.Compose(
-        [*steps, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
-
-
 def build_datasets(config: dict[str, Any]) -> tuple[Any, Any, Any, int]:
     """(training set of view pairs, kNN bank, kNN queries, number of classes)."""
     views = TwoViews(augmentation(config["method"], config["image_size"]))
@@ -384,7 +376,10 @@ def build_masker(config: dict[str, Any], device: torch.device) -> MaskedViews:
     patch_size = config["patch_size"] or max(1, config["image_size"] // 7)
     options: dict[str, Any] = {}
     if config["strategy"] != "none":
-        options = {"ratio": tuple(config["mask_ratio"]), "hard_negative_ratio": tuple(config["hard_negative_ratio"])}
+        options = {
+            "mask_ratio": tuple(config["mask_ratio"]),
+            "hard_negative_mask_ratio": tuple(config["hard_negative_ratio"]),
+        }
     masker = MaskedViews(
         config["strategy"], scda=scda, hard_negatives=config["hard_negatives"], patch_size=patch_size, **options
     )
@@ -466,12 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     config, checkpoint = resolve_config(argv)
     device = init_distributed(config["device"])
     rank, world_size = get_rank(), get_world_size()
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    setup_logging(rank)
     on_gpu = device.type == "cuda"
     amp = on_gpu if config["amp"] is None else config["amp"]
     channels_last = on_gpu if config["channels_last"] is None else config["channels_last"]
@@ -480,9 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.get("batch_norm") == "sync" and world_size > 1 and not on_gpu:
         raise SystemExit("--batch-norm sync: SyncBatchNorm needs CUDA; use shuffle on the CPU")
     # Each rank draws its own masks; items draw their augmentation from (seed, epoch, index).
-    torch.manual_seed(config["seed"] + rank)
-    np.random.seed(config["seed"] + rank)  # noqa: NPY002 (for third-party transforms)
-    random.seed(config["seed"] + rank)
+    seed_everything(config["seed"] + rank)
     output_dir = Path(config["output_dir"])
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -504,17 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     train_loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=True, **loader_options)
     knn_loaders = [
-        DataLoader(
-            SeededDataset(dataset, seed=config["seed"], on_bad_image=config["on_bad_image"]),
-            batch_size=per_rank_batch * 2,
-            sampler=ResumableSampler(dataset, shuffle=False),
-            **loader_options,
+        ordered_loader(
+            dataset, per_rank_batch * 2, seed=config["seed"], on_bad_image=config["on_bad_image"], **loader_options
         )
         for dataset in (bank_set, query_set)
     ]
 
     masker = build_masker(config, device)
-    config["input_filter"] = masker.input_filter
+    config["input_filter"] = record_input_filter(masker.input_filter)
     logger.info("settings: %s", json.dumps(config, sort_keys=True))
     if rank == 0:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
@@ -556,9 +541,7 @@ def main(argv: list[str] | None = None) -> int:
             options[sync_option] = config["batch_norm"] == "sync"
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if on_gpu else None, **options)
     # An encoder trained on high-pass filtered views is evaluated on filtered images too.
-    eval_filter = None
-    if config["input_filter"]:
-        eval_filter = HighPassFilter(config["input_filter"]["kernel_size"], config["input_filter"]["sigma"])
+    eval_filter = input_filter_of(config)
     metrics = MetricsLog(output_dir, enabled=rank == 0)
 
     def save(epoch: int, step: int, record: dict[str, Any]) -> None:
@@ -630,9 +613,7 @@ def main(argv: list[str] | None = None) -> int:
                     save(epoch, step, {"loss": loss})
                     logger.info("stopped by signal at epoch %d, step %d; checkpoint written", epoch, step)
                     metrics.close()
-                    if dist.is_initialized():
-                        dist.destroy_process_group()
-                    return 0
+                    return finish()
             progress.close()
 
             done_steps = max(step - first_step, 1)
@@ -655,14 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(query_set)} validation images) after {config['epochs']} epochs; "
             f"checkpoint {output_dir / 'checkpoint.pt'}"
         )
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return finish()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BadImageError, CheckpointError) as error:
-        # Bad input, named in the message: no traceback to dig through.
-        sys.exit(f"error: {error}")
+    run(main)

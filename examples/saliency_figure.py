@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 # The script's own folder is on sys.path when it runs: the demo's photos and view loader serve both figures.
-from mask_demo import PATCH_SIZE, PHOTOS, load_views
+from mask_demo import PATCH_SIZE, PHOTOS, load_views, save_figure
 
 from salmask import BlurMask, HardNegativeMask, Saliency
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, SCDA, build_scda
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     original_foreground = original.foreground(activation)
 
     saliency = Saliency(foreground)
-    masked, _ = BlurMask(ratio=0.25, patch_size=PATCH_SIZE)(views, saliency)
-    hard, _ = HardNegativeMask("blur", ratio=0.6, patch_size=PATCH_SIZE)(views, saliency)
+    masked, _ = BlurMask(mask_ratio=0.25, patch_size=PATCH_SIZE)(views, saliency)
+    hard, _ = HardNegativeMask("blur", mask_ratio=0.6, patch_size=PATCH_SIZE)(views, saliency)
     columns = ["view", "activation A", "mean - 0.6 std", "mean, largest component"]
     columns += ["positive (blur, 25 %)", "hard negative (60 % of fg)"]
 
@@ -85,14 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         axes[row, 2].set_xlabel(f"gamma = {gamma:.2f}", fontsize=8)
     for column, title in enumerate(columns):
         axes[0, column].set_title(title, fontsize=9)
-    for axis in axes.flat:
-        axis.set_xticks([])
-        axis.set_yticks([])
     figure.suptitle(f"SCDA saliency, {scda.name} ({args.weights} weights)", fontsize=10)
-    figure.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    save_figure(figure, axes, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """torchvision v2 transforms over :mod:`salmask.functional`.
 
-The transforms draw their parameters (:func:`~salmask.functional.draw_mask_params`) and apply a fill
-(:func:`~salmask.functional.apply_fill`); everything else lives in the kernels. They accept what v2
+Each transform is a thin adapter over the kernels through torchvision's two methods: ``make_params`` draws
+the masks of a sample (:func:`~salmask.functional.draw_mask_params`: a few small tensors per image, kept
+in ``last_params``) and ``transform`` applies them to each image (:func:`~salmask.functional.apply_mask`,
+which renders the pixel mask there). Replaying a draw is calling ``transform`` again with the same
+parameters: ``masked = mask.transform(image, mask.last_params)``. The transforms accept what v2
 transforms accept (an image, a batch, a tuple or dict sample holding a :class:`~salmask.Saliency`) and
 return the same structure. Unlike torchvision's transforms, a batch gets an independent mask per image.
 """
@@ -13,13 +16,37 @@ from typing import Any
 import PIL.Image
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import Transform
 
-from salmask.functional import FILLS, apply_fill, draw_mask_params, high_pass
-from salmask.functional._checks import check_image, check_kernel, check_probability, check_ratio
-from salmask.functional._masking import check_mask_type_probs
+from salmask import _defaults
+from salmask._defaults import (
+    BLUR_KERNEL_SIZE,
+    BLUR_SIGMA,
+    FOCAL_FILL_FRACTION,
+    FOCAL_KEEP_FRACTION,
+    HARD_NEGATIVE_MASK_RATIO,
+    HIGH_PASS_HARD_NEGATIVE_NOISE_STD,
+    HIGH_PASS_KERNEL_SIZE,
+    HIGH_PASS_NOISE_STD,
+    HIGH_PASS_SIGMA,
+    MASK_RATIO,
+    PATCH_SIZE,
+    SALIENCY_THRESHOLD,
+    SPATIAL_ONLY,
+)
+from salmask._validation import (
+    check_fraction,
+    check_image,
+    check_kernel,
+    check_mask_ratio,
+    check_mask_type_probs,
+    check_probability,
+    check_saliency_scores,
+    values_readable,
+)
+from salmask.functional import apply_mask, draw_mask_params, high_pass, render_mask
+from salmask.functional._masking import check_fill
 from salmask.tv_tensors import Saliency
 
 __all__ = [
@@ -32,20 +59,10 @@ __all__ = [
     "SaliencyMask",
 ]
 
+
 #: The high-pass release's mixture of mask types (focal with p=0.2, else spatial with p=0.3, else
 #: channel-wise).
-RELEASE_MASK_TYPE_PROBS = {"spatial": 0.24, "channel": 0.56, "focal": 0.2}
-
-# Per strategy: the fill options and the mask types of the paper's release, for positives.
-_STRATEGY_DEFAULTS: dict[str, tuple[dict[str, Any], dict[str, float]]] = {
-    "high_pass": ({"noise_std": 0.18, "kernel_size": 11, "sigma": 5.0}, RELEASE_MASK_TYPE_PROBS),
-    "blur": ({"kernel_size": 31, "sigma": 10.0}, {"spatial": 1.0}),
-    "mean": ({}, {"spatial": 1.0}),
-    "constant": ({"value": 0.0}, {"spatial": 1.0}),
-    "noise": ({"std": 1.0, "mean": 0.0}, {"spatial": 1.0}),
-}
-# The release draws weaker noise into hard negatives than into positives.
-_HARD_NEGATIVE_NOISE_STD = 0.14
+RELEASE_MASK_TYPE_PROBS = _defaults.RELEASE_MASK_TYPE_PROBS
 
 
 def _is_image(inpt: Any) -> bool:
@@ -54,37 +71,42 @@ def _is_image(inpt: Any) -> bool:
     )
 
 
+def _plain(inpt: Tensor) -> Tensor:
+    # as_subclass stops torch.compile; a plain tensor needs none.
+    return inpt if type(inpt) is Tensor else inpt.as_subclass(Tensor)
+
+
 class SaliencyMask(Transform):
     """Saliency-guided masking: mask patches in proportion to foreground and background, then fill them.
 
     Where to mask: the image is cut into a grid of ``patch_size`` patches (7x7 for 224 px and 32 px
-    patches); each image draws a ratio ``alpha`` from ``ratio`` and masks ``round(alpha * N)`` patches,
+    patches); each image draws a ratio ``alpha`` from ``mask_ratio`` and masks ``round(alpha * N)`` patches,
     split between foreground and background in the proportion of the saliency's foreground fraction, each
     chosen uniformly inside its group. Without a :class:`~salmask.Saliency` in the sample the masks are
-    uniformly random (the MSCN baseline). How to mask: ``strategy`` names the fill.
+    uniformly random (the MSCN baseline). How to mask: ``fill`` names what masked pixels take.
 
-    ======================  ================================================================
-    ``strategy``            fill
-    ======================  ================================================================
-    ``"high_pass"``         high-pass filter the view, then Gaussian noise in masked pixels
-    ``"blur"``              masked pixels from a strongly blurred copy (kernel 31, sigma 10)
-    ``"mean"``              per-image, per-channel mean of the view
-    ``"constant"``          a constant ``value`` (zero masking)
-    ``"noise"``             Gaussian noise
-    ======================  ================================================================
+    ==============  ================================================================
+    ``fill``        masked pixels take
+    ==============  ================================================================
+    ``"noise"``     Gaussian noise (``std``, ``mean``)
+    ``"blur"``      a strongly blurred copy of the view (``kernel_size`` 31, ``sigma`` 10)
+    ``"mean"``      the per-image, per-channel mean of the view
+    ``"constant"``  a constant ``value`` (zero masking)
+    ==============  ================================================================
 
-    The fill options default to the paper's release and can be overridden through ``fill_options``. The
-    parameters drawn by the last call are kept in :attr:`last_params` (a dict of tensors, see
-    :func:`salmask.functional.draw_mask_params`) and can be replayed with ``transform(inputs,
-    params=...)``; noise is drawn afresh on replay.
+    The paper's high-pass recipe is the high-pass filter of the whole view followed by the noise fill:
+    :class:`HighPassMask`. The fill options default to the fill kernels' and can be overridden through
+    ``fill_options``. The parameters drawn by the last call are kept in :attr:`last_params` (the random
+    draws only, see :func:`salmask.functional.draw_mask_params`); ``transform(image, params)`` replays
+    them (noise is drawn afresh) and :meth:`pixel_mask` renders them.
 
     Args:
-        strategy: the fill, see above.
-        ratio: fraction of the patch grid to mask, fixed or a ``(low, high)`` range drawn per image.
+        fill: what masked pixels take, see above.
+        mask_ratio: fraction of the patch grid to mask, fixed or a ``(low, high)`` range drawn per image.
         patch_size: patch side in pixels, or ``(height, width)``.
-        mask_type_probs: probabilities of ``"spatial"``, ``"channel"`` and ``"focal"`` masks; default the
-            release's: the high-pass mixture for ``"high_pass"``, spatial only otherwise.
-        fill_options: options of the fill (``noise_std``, ``kernel_size``, ``sigma``, ``value``, ...).
+        mask_type_probs: probabilities of ``"spatial"``, ``"channel"`` and ``"focal"`` masks; default
+            spatial only.
+        fill_options: options of the fill (``std``, ``kernel_size``, ``sigma``, ``value``, ...).
         hard_negative: mask only foreground patches (see :class:`HardNegativeMask`).
         focal_keep_fraction: side of the window a focal positive keeps, relative to the view.
         focal_fill_fraction: side of the window a focal hard negative fills, relative to the view.
@@ -93,8 +115,9 @@ class SaliencyMask(Transform):
         same_on_batch: draw one set of parameters for the whole batch.
         generator: source of randomness; ``None`` uses torch's global generator.
         inplace: write into the input image instead of a new tensor.
-        check_values: reject non-finite images and saliency outside ``[0, 1]`` (one host synchronisation
-            per call; turn off in a device-side training step).
+        check_values: reject non-finite images and saliency outside ``[0, 1]``: one pass over the image
+            (and, on an accelerator, a host synchronisation per call); skipped where values cannot be read
+            (meta tensors, tracing). Turn it off in a device-side training step.
 
     Attributes:
         last_params: the parameters drawn by the last call (``None`` before the first call).
@@ -105,7 +128,7 @@ class SaliencyMask(Transform):
         >>> image = torch.rand(3, 224, 224)
         >>> saliency = Saliency(torch.zeros(224, 224, dtype=torch.bool))
         >>> saliency[48:176, 48:176] = True
-        >>> transform = SaliencyMask("blur", ratio=0.25)
+        >>> transform = SaliencyMask("blur", mask_ratio=0.25)
         >>> masked, same_saliency = transform(image, saliency)
         >>> int(transform.last_params["patch_mask"].sum())
         12
@@ -115,16 +138,16 @@ class SaliencyMask(Transform):
 
     def __init__(
         self,
-        strategy: str = "high_pass",
-        ratio: float | tuple[float, float] = (0.05, 0.25),
+        fill: str = "noise",
+        mask_ratio: float | tuple[float, float] = MASK_RATIO,
         *,
-        patch_size: int | tuple[int, int] = 32,
+        patch_size: int | tuple[int, int] = PATCH_SIZE,
         mask_type_probs: dict[str, float] | None = None,
         fill_options: dict[str, Any] | None = None,
         hard_negative: bool = False,
-        focal_keep_fraction: float = 200 / 224,
-        focal_fill_fraction: float = 130 / 224,
-        saliency_threshold: float = 0.5,
+        focal_keep_fraction: float = FOCAL_KEEP_FRACTION,
+        focal_fill_fraction: float = FOCAL_FILL_FRACTION,
+        saliency_threshold: float = SALIENCY_THRESHOLD,
         p: float = 1.0,
         same_on_batch: bool = False,
         generator: torch.Generator | None = None,
@@ -132,22 +155,11 @@ class SaliencyMask(Transform):
         check_values: bool = True,
     ) -> None:
         super().__init__()
-        if strategy not in FILLS:
-            raise ValueError(f"strategy must be one of {sorted(FILLS)}, got {strategy!r}")
-        default_fill_options, default_mask_types = _STRATEGY_DEFAULTS[strategy]
-        if hard_negative and strategy == "high_pass":
-            default_fill_options = {**default_fill_options, "noise_std": _HARD_NEGATIVE_NOISE_STD}
-        unknown = set(fill_options or {}) - set(default_fill_options)
-        if unknown:
-            raise ValueError(
-                f"fill_options {sorted(unknown)} do not apply to strategy {strategy!r}; "
-                f"it takes {sorted(default_fill_options)}"
-            )
-        self.strategy = strategy
-        self.ratio = check_ratio(ratio)
+        self.fill_options = check_fill(fill, fill_options)
+        self.fill = fill
+        self.mask_ratio = check_mask_ratio(mask_ratio)
         self.patch_size = patch_size
-        self.mask_type_probs = check_mask_type_probs(mask_type_probs or default_mask_types)
-        self.fill_options = {**default_fill_options, **(fill_options or {})}
+        self.mask_type_probs = check_mask_type_probs(mask_type_probs or SPATIAL_ONLY)
         self.hard_negative = hard_negative
         self.focal_keep_fraction = focal_keep_fraction
         self.focal_fill_fraction = focal_fill_fraction
@@ -158,26 +170,9 @@ class SaliencyMask(Transform):
         self.inplace = inplace
         self.check_values = check_values
         self.last_params: dict[str, Tensor] | None = None
-        # Fail at construction, not at the first batch, on a bad kernel or fraction.
-        if "kernel_size" in self.fill_options:
-            check_kernel(self.fill_options["kernel_size"], self.fill_options["sigma"])
+        # Fail at construction, not at the first batch, on a bad fraction.
         for name in ("focal_keep_fraction", "focal_fill_fraction", "saliency_threshold"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
-
-    def forward(self, *inputs: Any, params: dict[str, Tensor] | None = None) -> Any:
-        """Mask the image(s) in ``inputs``; ``params`` replays an earlier draw instead of drawing."""
-        flat_inputs, spec = tree_flatten(inputs if len(inputs) > 1 else inputs[0])
-        self.check_inputs(flat_inputs)
-        needs_transform = self._needs_transform_list(flat_inputs)
-        if params is None:
-            params = self.make_params([x for x, needed in zip(flat_inputs, needs_transform, strict=True) if needed])
-        self.last_params = params
-        flat_outputs = [
-            self.transform(x, params) if needed else x for x, needed in zip(flat_inputs, needs_transform, strict=True)
-        ]
-        return tree_unflatten(flat_outputs, spec)
+            check_fraction(getattr(self, name), name)
 
     def check_inputs(self, flat_inputs: list[Any]) -> None:
         for inpt in flat_inputs:
@@ -203,13 +198,14 @@ class SaliencyMask(Transform):
                 f"all images in a sample must share one shape to share masks, got "
                 f"{sorted({tuple(x.shape) for x in images})}"
             )
-        saliency = saliencies[0].as_subclass(Tensor) if saliencies else None
-        if self.check_values:
-            self._check_values(image, saliency)
-        return draw_mask_params(
+        # The kernels read a Saliency as the tensor it is; unwrapping it would stop torch.compile.
+        saliency = saliencies[0] if saliencies else None
+        if self.check_values and saliency is not None and values_readable(saliency):
+            check_saliency_scores(saliency)
+        params = draw_mask_params(
             image.shape,
             saliency,
-            ratio=self.ratio,
+            mask_ratio=self.mask_ratio,
             patch_size=self.patch_size,
             hard_negative=self.hard_negative,
             mask_type_probs=self.mask_type_probs,
@@ -221,45 +217,62 @@ class SaliencyMask(Transform):
             device=image.device,
             generator=self.generator,
         )
-
-    @staticmethod
-    def _check_values(image: Tensor, saliency: Tensor | None) -> None:
-        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
-            raise ValueError("image has non-finite values (nan or inf)")
-        out_of_range = (
-            saliency is not None
-            and saliency.is_floating_point()
-            and not bool(((saliency >= 0) & (saliency <= 1)).all())
-        )
-        if out_of_range:
-            raise ValueError("saliency scores must lie in [0, 1] (and be finite); threshold raw maps first")
+        self.last_params = params
+        return params
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not _is_image(inpt):
             return inpt
-        output = apply_fill(
-            inpt.as_subclass(Tensor),
-            params["mask"],
-            self.strategy,
+        output = self._mask(_plain(inpt), params)
+        return tv_tensors.wrap(output, like=inpt) if isinstance(inpt, tv_tensors.Image) else output
+
+    def _mask(self, image: Tensor, params: dict[str, Tensor]) -> Tensor:
+        return apply_mask(
+            image,
+            params,
+            self.fill,
+            patch_size=self.patch_size,
+            hard_negative=self.hard_negative,
             generator=self.generator,
             inplace=self.inplace,
+            check_finite=self.check_values,
             **self.fill_options,
         )
-        return tv_tensors.wrap(output, like=inpt) if isinstance(inpt, tv_tensors.Image) else output
+
+    def pixel_mask(self, params: dict[str, Tensor], image_size: tuple[int, int]) -> Tensor:
+        """The pixels a draw of this transform masks: ``(B, S, H, W)`` (or ``(S, H, W)``) bool.
+
+        Example:
+            >>> import torch
+            >>> from salmask import MeanFillMask
+            >>> transform = MeanFillMask(mask_ratio=0.25)
+            >>> _ = transform(torch.rand(3, 224, 224))
+            >>> transform.pixel_mask(transform.last_params, (224, 224)).float().mean().item()
+            0.2448979616165161
+        """
+        return render_mask(params, image_size, self.patch_size, hard_negative=self.hard_negative)
 
 
 class HighPassMask(SaliencyMask):
-    """The high-pass strategy: high-pass filter the view, fill masked pixels with Gaussian noise.
+    """The high-pass recipe: high-pass filter the whole view, then fill masked pixels with Gaussian noise.
 
-    Spatial, channel-wise and focal masks mixed as in the release (see ``RELEASE_MASK_TYPE_PROBS``).
-    Encoders pretrained this way need :class:`HighPassFilter` on their inputs downstream.
+    The filter (:class:`HighPassFilter`, the view minus its Gaussian blur) removes the low frequencies that
+    make the masks' edges stand out, and the noise matches the statistics of the filtered view. Spatial,
+    channel-wise and focal masks are mixed as in the release (see ``RELEASE_MASK_TYPE_PROBS``). Encoders
+    pretrained this way need the same filter, :attr:`input_filter`, on their inputs downstream.
 
     Args:
-        ratio: fraction of the grid to mask, fixed or a range.
-        noise_std: standard deviation of the noise (0.18 for positives in the release).
+        mask_ratio: fraction to mask, fixed or a range; default the release's ``U(0.05, 0.25)`` of the grid, or
+            ``U(0.4, 0.7)`` of the foreground for hard negatives.
+        noise_std: standard deviation of the noise; default the release's 0.18, or 0.14 for hard negatives.
         kernel_size: Gaussian kernel of the filter.
         sigma: Gaussian standard deviation of the filter.
+        hard_negative: mask foreground patches only, as :class:`HardNegativeMask`.
+        mask_type_probs: default the release's mixture.
         **kwargs: any other argument of :class:`SaliencyMask`.
+
+    Attributes:
+        input_filter: the :class:`HighPassFilter` applied to the whole view before the noise fill.
 
     Example:
         >>> import torch
@@ -270,22 +283,52 @@ class HighPassMask(SaliencyMask):
 
     def __init__(
         self,
-        ratio: float | tuple[float, float] = (0.05, 0.25),
+        mask_ratio: float | tuple[float, float] | None = None,
         *,
-        noise_std: float = 0.18,
-        kernel_size: int = 11,
-        sigma: float = 5.0,
+        noise_std: float | None = None,
+        kernel_size: int = HIGH_PASS_KERNEL_SIZE,
+        sigma: float = HIGH_PASS_SIGMA,
+        hard_negative: bool = False,
+        mask_type_probs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        fill_options = {"noise_std": noise_std, "kernel_size": kernel_size, "sigma": sigma}
-        super().__init__("high_pass", ratio, fill_options=fill_options, **kwargs)
+        if mask_ratio is None:
+            mask_ratio = HARD_NEGATIVE_MASK_RATIO if hard_negative else MASK_RATIO
+        if noise_std is None:
+            noise_std = HIGH_PASS_HARD_NEGATIVE_NOISE_STD if hard_negative else HIGH_PASS_NOISE_STD
+        super().__init__(
+            "noise",
+            mask_ratio,
+            fill_options={"std": noise_std},
+            hard_negative=hard_negative,
+            mask_type_probs=mask_type_probs or RELEASE_MASK_TYPE_PROBS,
+            **kwargs,
+        )
+        self.input_filter = HighPassFilter(kernel_size, sigma)
+
+    def _mask(self, image: Tensor, params: dict[str, Tensor]) -> Tensor:
+        filtered = high_pass(image, self.input_filter.kernel_size, self.input_filter.sigma)
+        if self.inplace:
+            filtered = image.copy_(filtered)
+        noise_std = self.fill_options["std"]
+        return apply_mask(
+            filtered,
+            params,
+            "noise",
+            patch_size=self.patch_size,
+            hard_negative=self.hard_negative,
+            generator=self.generator,
+            inplace=True,
+            check_finite=self.check_values,
+            std=noise_std,
+        )
 
 
 class BlurMask(SaliencyMask):
     """The strong-blur strategy: masked pixels take the values of a strongly blurred copy of the view.
 
     Args:
-        ratio: fraction of the grid to mask, fixed or a range.
+        mask_ratio: fraction of the grid to mask, fixed or a range.
         kernel_size: Gaussian kernel length (31 in the release).
         sigma: Gaussian standard deviation in pixels (10 in the release).
         **kwargs: any other argument of :class:`SaliencyMask`.
@@ -293,26 +336,26 @@ class BlurMask(SaliencyMask):
     Example:
         >>> import torch
         >>> from salmask import BlurMask
-        >>> BlurMask(ratio=0.25)(torch.rand(3, 224, 224)).shape
+        >>> BlurMask(mask_ratio=0.25)(torch.rand(3, 224, 224)).shape
         torch.Size([3, 224, 224])
     """
 
     def __init__(
         self,
-        ratio: float | tuple[float, float] = (0.05, 0.25),
+        mask_ratio: float | tuple[float, float] = MASK_RATIO,
         *,
-        kernel_size: int = 31,
-        sigma: float = 10.0,
+        kernel_size: int = BLUR_KERNEL_SIZE,
+        sigma: float = BLUR_SIGMA,
         **kwargs: Any,
     ) -> None:
-        super().__init__("blur", ratio, fill_options={"kernel_size": kernel_size, "sigma": sigma}, **kwargs)
+        super().__init__("blur", mask_ratio, fill_options={"kernel_size": kernel_size, "sigma": sigma}, **kwargs)
 
 
 class MeanFillMask(SaliencyMask):
     """The mean-fill strategy: masked pixels take the per-image, per-channel mean of the view.
 
     Args:
-        ratio: fraction of the grid to mask, fixed or a range.
+        mask_ratio: fraction of the grid to mask, fixed or a range.
         **kwargs: any other argument of :class:`SaliencyMask`.
 
     Example:
@@ -322,22 +365,23 @@ class MeanFillMask(SaliencyMask):
         torch.Size([3, 224, 224])
     """
 
-    def __init__(self, ratio: float | tuple[float, float] = (0.05, 0.25), **kwargs: Any) -> None:
-        super().__init__("mean", ratio, **kwargs)
+    def __init__(self, mask_ratio: float | tuple[float, float] = MASK_RATIO, **kwargs: Any) -> None:
+        super().__init__("mean", mask_ratio, **kwargs)
 
 
 class HardNegativeMask(SaliencyMask):
     """Hard negatives: mask a large share of the object (foreground patches only) in the key view.
 
-    Each image draws ``beta`` from ``ratio`` and masks ``round(beta * n_foreground)`` foreground patches,
+    Each image draws ``beta`` from ``mask_ratio`` and masks ``round(beta * n_foreground)`` foreground patches,
     at least one; no background patch is touched. An image without foreground cannot make a hard
     negative: it is returned unmasked and ``last_params["valid"]`` is ``False`` for it, so the loss can
     drop it (an unmasked key contrasted as a negative would be the positive itself). Needs a
-    :class:`~salmask.Saliency` in the sample; focal masks (if drawn) fill a window instead.
+    :class:`~salmask.Saliency` in the sample; focal masks (if drawn) fill a window instead. The high-pass
+    recipe's hard negatives are ``HighPassMask(hard_negative=True)``.
 
     Args:
-        strategy: the fill, as for :class:`SaliencyMask`; high-pass noise defaults to std 0.14.
-        ratio: fraction of the foreground to mask, fixed or a range (release: ``U(0.4, 0.7)``).
+        fill: what masked pixels take, as for :class:`SaliencyMask`.
+        mask_ratio: fraction of the foreground to mask, fixed or a range (release: ``U(0.4, 0.7)``).
         **kwargs: any other argument of :class:`SaliencyMask`.
 
     Example:
@@ -352,16 +396,17 @@ class HardNegativeMask(SaliencyMask):
     """
 
     def __init__(
-        self, strategy: str = "high_pass", ratio: float | tuple[float, float] = (0.4, 0.7), **kwargs: Any
-    ) -> None:
-        super().__init__(strategy, ratio, hard_negative=True, **kwargs)
+        self, fill: str = "noise", mask_ratio: float | tuple[float, float] = HARD_NEGATIVE_MASK_RATIO, **kwargs: Any
+    ):
+        super().__init__(fill, mask_ratio, hard_negative=True, **kwargs)
 
 
 class HighPassFilter(Transform):
-    """The high-pass filter alone (the image minus its Gaussian blur), for downstream evaluation.
+    """The high-pass filter alone (the image minus its Gaussian blur): a view-wide step before a fill.
 
-    An encoder pretrained with :class:`HighPassMask` has only seen high-passed views; evaluate it on
-    high-passed images too. Saliency maps and other annotations pass through.
+    The first half of the high-pass recipe (:class:`HighPassMask`), and what an encoder pretrained with it
+    needs on its inputs downstream, since it has only seen high-passed views. Saliency maps and other
+    annotations pass through.
 
     Args:
         kernel_size: Gaussian kernel of the filter (11 in the release).
@@ -374,16 +419,18 @@ class HighPassFilter(Transform):
         torch.Size([2, 3, 64, 64])
     """
 
-    def __init__(self, kernel_size: int = 11, sigma: float = 5.0) -> None:
+    def __init__(self, kernel_size: int = HIGH_PASS_KERNEL_SIZE, sigma: float = HIGH_PASS_SIGMA) -> None:
         super().__init__()
         check_kernel(kernel_size, sigma)
         self.kernel_size = kernel_size
         self.sigma = sigma
 
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if isinstance(inpt, PIL.Image.Image):
+    def check_inputs(self, flat_inputs: list[Any]) -> None:
+        if any(isinstance(inpt, PIL.Image.Image) for inpt in flat_inputs):
             raise TypeError("HighPassFilter works on float tensors; put v2.ToImage() and v2.ToDtype before it")
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not _is_image(inpt):
             return inpt
-        output = high_pass(inpt.as_subclass(Tensor), self.kernel_size, self.sigma)
+        output = high_pass(_plain(inpt), self.kernel_size, self.sigma)
         return tv_tensors.wrap(output, like=inpt) if isinstance(inpt, tv_tensors.Image) else output

@@ -7,11 +7,13 @@ from typing import Any
 import torch
 from torchvision import tv_tensors
 
+from salmask._validation import check_saliency
+
 __all__ = ["Saliency"]
 
 
 class Saliency(tv_tensors.Mask):
-    """Foreground map of an image or a batch, shaped ``(H, W)``, ``(1, H, W)`` or ``(B, H, W)``.
+    """Foreground map of an image or a batch, shaped ``(H, W)``, ``(1, H, W)``, ``(B, H, W)`` or ``(B, 1, H, W)``.
 
     A subclass of :class:`torchvision.tv_tensors.Mask`, so torchvision's v2 geometric transforms
     (``RandomResizedCrop``, flips, ``Resize``) crop and move it together with the image it belongs to,
@@ -40,13 +42,5 @@ class Saliency(tv_tensors.Mask):
         requires_grad: bool | None = None,
     ) -> Saliency:
         tensor = cls._to_tensor(data, dtype=dtype, device=device, requires_grad=requires_grad)
-        if tensor.ndim < 2:
-            raise ValueError(
-                f"Saliency expects a map shaped (H, W), (1, H, W) or (B, H, W), got shape {tuple(tensor.shape)}"
-            )
-        if tensor.dtype != torch.bool and not tensor.is_floating_point():
-            raise TypeError(
-                f"Saliency expects a bool map or float scores in [0, 1], got dtype {tensor.dtype}; "
-                "convert integer label maps with `labels > 0` first"
-            )
+        check_saliency(tensor, "Saliency")
         return tensor.as_subclass(cls)

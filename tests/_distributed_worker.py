@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from salmask.distributed import all_gather, all_gather_with_grad, get_rank, get_world_size, is_distributed
-from salmask.losses import MomentumQueue, NTXentLoss
+from salmask.losses import NTXentLoss
+from salmask.ssl import MomentumQueue
 
 QUEUE_DIM = 4
 QUEUE_SIZE = 10
@@ -59,11 +60,11 @@ def main() -> None:
     # Queue: two enqueues of 2 x 3 keys into K = 10, so the second one wraps around.
     bank = MomentumQueue(dim=QUEUE_DIM, size=QUEUE_SIZE)
     bank.enqueue(rank_keys(rank, step=0))
-    results["queue_after_first"] = bank.queue.clone()
-    results["ptr_after_first"] = bank.queue_ptr.clone()
+    results["queue_after_first"] = bank.keys.clone()
+    results["ptr_after_first"] = bank.pointer.clone()
     bank.enqueue(rank_keys(rank, step=1))
-    results["queue_after_second"] = bank.queue.clone()
-    results["ptr_after_second"] = bank.queue_ptr.clone()
+    results["queue_after_second"] = bank.keys.clone()
+    results["ptr_after_second"] = bank.pointer.clone()
 
     # Plain gather: rank order, no gradient.
     gathered = all_gather(torch.full((2, 3), float(rank), requires_grad=True))

@@ -4,7 +4,6 @@ pretrained one computes, in torchvision, in timm and under detectron2's names.""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import logging
 import pickle
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from example_scripts import load_example
 from torch import nn
 
 from salmask.ssl import CheckpointError, encoder_state_dict, load_checkpoint, pretrained_encoder
@@ -25,11 +25,7 @@ TINY = ["--synthetic-train-size", "16", "--synthetic-val-size", "8", "--batch-si
 TINY += ["--warmup-epochs", "0", "--queue-size", "16"]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"salmask_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load_script = load_example
 
 
 def run(name: str, argv: list[str]) -> tuple[int, str]:

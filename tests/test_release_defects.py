@@ -14,7 +14,7 @@ def test_foreground_is_placed_on_the_object_not_in_the_rightmost_columns():
     # unsorted positions, pushing the foreground to the right. Put the object on the left.
     saliency = torch.zeros(8, 7, 7, dtype=torch.bool)
     saliency[:, 1:6, 0:2] = True
-    params = draw_mask_params((8, 3, 224, 224), saliency, ratio=1.0, hard_negative=True)
+    params = draw_mask_params((8, 3, 224, 224), saliency, mask_ratio=1.0, hard_negative=True)
     masked_columns = params["patch_mask"][:, 0].any(dim=1)
     assert masked_columns[:, :2].all() and not masked_columns[:, 2:].any()
 
@@ -24,7 +24,7 @@ def test_every_image_gets_its_own_hard_negative():
     saliency = torch.zeros(4, 7, 7, dtype=torch.bool)
     for index in range(4):
         saliency[index, index, :] = True  # image i's object fills row i
-    transform = HardNegativeMask("mean", ratio=1.0, mask_type_probs={"spatial": 1.0})
+    transform = HardNegativeMask("mean", mask_ratio=1.0, mask_type_probs={"spatial": 1.0})
     transform(torch.rand(4, 3, 224, 224), Saliency(saliency))
     assert torch.equal(transform.last_params["patch_mask"][:, 0], saliency)
 
@@ -64,7 +64,7 @@ def test_groups_of_one_patch_are_masked_like_any_other():
 
 def test_noise_is_never_one_patch_reused():
     # Defect 5: one noise patch per batch was pasted into every masked patch of every image.
-    transform = SaliencyMask("noise", ratio=1.0, patch_size=32)
+    transform = SaliencyMask("noise", mask_ratio=1.0, patch_size=32)
     out = transform(torch.zeros(4, 3, 64, 64))
     patches = out.unfold(2, 32, 32).unfold(3, 32, 32).permute(0, 2, 3, 1, 4, 5).reshape(16, -1)
     assert torch.unique(patches, dim=0).shape[0] == 16

@@ -8,7 +8,6 @@ as subprocesses with one thread each, so that two processes share two cores with
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from example_scripts import load_example
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -57,17 +57,7 @@ TINY += ["--warmup-epochs", "0"]
 MOCO_TINY = [*TINY, "--queue-size", "16"]
 KNN_LINE = re.compile(r"kNN top-1: (\d+\.\d+)%")
 
-_scripts: dict[str, object] = {}
-
-
-def script(name: str):
-    """Import examples/<name>.py as a module (once)."""
-    if name not in _scripts:
-        spec = importlib.util.spec_from_file_location(f"salmask_example_{name}", EXAMPLES / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _scripts[name] = module
-    return _scripts[name]
+script = load_example
 
 
 @pytest.fixture
@@ -148,7 +138,7 @@ def test_moco_checkpoint_holds_the_whole_training_state(moco_checkpoint):
     assert config["method"] == "moco" and config["strategy"] == "high_pass" and config["saliency"] == "truth"
     assert config["input_filter"] == {"name": "high_pass", "kernel_size": 11, "sigma": 5.0}
     model = checkpoint["model"]
-    assert model["queue.queue"].shape == (128, 16)
+    assert model["queue.keys"].shape == (128, 16)
     assert any(key.startswith("momentum_encoder.") for key in model)
     assert checkpoint["optimizer"]["state"], "SGD momentum buffers are part of the checkpoint"
     assert checkpoint["scheduler"] is not None and len(checkpoint["rng"]) == 1
@@ -325,7 +315,7 @@ def test_two_processes_under_torchrun(tmp_path, free_port):
     assert len(checkpoint["rng"]) == 2, "each rank's generators are saved"
     assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
     # 16 images, a global batch of 8 split over 2 ranks: 2 steps, each enqueueing the 8 gathered keys.
-    assert int(checkpoint["model"]["queue.queue_ptr"]) == 0
+    assert int(checkpoint["model"]["queue.pointer"]) == 0
 
 
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
@@ -557,3 +547,17 @@ def test_pretrained_encoder_loads_the_query_encoder(moco_checkpoint):
     reference = build_encoder("resnet18", small_images=True)
     assert encoder.conv1.kernel_size == reference.conv1.kernel_size == (3, 3)
     torch.testing.assert_close(encoder.conv1.weight, checkpoint["model"]["encoder.conv1.weight"])
+
+
+def test_every_script_evaluates_on_the_same_three_channel_images():
+    # One evaluation transform for the pretraining kNN monitor and both evaluation scripts: a grayscale
+    # file of an ImageFolder gives the three channels the encoder expects (the monitor once lacked v2.RGB).
+    scripts = [script(name) for name in ("pretrain", "knn_eval", "linear_eval")]
+    shared = sys.modules["_common"].evaluation_transform
+    assert all(module.evaluation_transform is shared for module in scripts)
+    gray = Image.new("L", (40, 30), color=128)
+    for resize in (False, True):
+        image = shared(32, resize)(gray)
+        assert image.shape[0] == 3 and (not resize or image.shape[1:] == (32, 32))
+    train, test = script("linear_eval").transforms(32, resize=True)
+    assert train(gray).shape == test(gray).shape == (3, 32, 32)

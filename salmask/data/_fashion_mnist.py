@@ -14,6 +14,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from salmask._validation import check_choice, check_int
+
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "FashionMNIST", "read_idx"]
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -135,10 +137,8 @@ class FashionMNIST(Dataset):
         transform: Callable[..., Any] | None = None,
         target_transform: Callable[[int], Any] | None = None,
     ) -> None:
-        if not isinstance(split, str) or split not in _FILES:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if num_output_channels not in (1, 3) or isinstance(num_output_channels, bool):
-            raise ValueError(f"num_output_channels must be 1 or 3, got {num_output_channels!r}")
+        check_choice(split, "split", tuple(_FILES))
+        check_choice(check_int(num_output_channels, "num_output_channels"), "num_output_channels", (1, 3))
         self.root = Path(root)
         self.split = split
         self.num_output_channels = num_output_channels

@@ -1,8 +1,10 @@
 """How to mask: the fills that replace masked pixels, each a pass or two over the batch.
 
 Every fill takes a boolean pixel mask that broadcasts against the image (``(B, 1, H, W)`` for spatial
-masks, ``(B, C, H, W)`` for channel-wise ones) and leaves unmasked pixels bit-identical, except the
-high-pass fill, which filters the whole view first.
+masks, ``(B, C, H, W)`` for channel-wise ones) and leaves unmasked pixels bit-identical. A fill is a
+*source* (what masked pixels take: a per-channel mean, a constant, a blurred copy) written into the
+masked pixels; the high-pass recipe is no fill of its own but the view-wide
+:func:`~salmask.functional.high_pass` filter followed by :func:`fill_noise`.
 """
 
 from __future__ import annotations
@@ -10,19 +12,50 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from salmask.functional._checks import check_float_image, check_image, check_mask
-from salmask.functional._filters import gaussian_blur, high_pass
+from salmask._defaults import BLUR_KERNEL_SIZE, BLUR_SIGMA
+from salmask._validation import check_float_image, check_image, check_mask
+from salmask.functional._filters import gaussian_blur
 
-__all__ = ["fill_blur", "fill_constant", "fill_high_pass", "fill_mean", "fill_noise"]
+__all__ = ["fill_blur", "fill_constant", "fill_mean", "fill_noise"]
 
 
-def _where(mask: Tensor, fill: Tensor, image: Tensor, inplace: bool) -> Tensor:
-    if fill.dtype != image.dtype:
-        fill = fill.round().clamp(0, 255) if not image.is_floating_point() else fill
-        fill = fill.to(image.dtype)
+def _as_image_dtype(source: Tensor, image: Tensor) -> Tensor:
+    if source.dtype == image.dtype:
+        return source
+    if not image.is_floating_point():
+        source = source.round().clamp(0, 255)
+    return source.to(image.dtype)
+
+
+def where_masked(mask: Tensor, source: Tensor, image: Tensor, inplace: bool = False) -> Tensor:
+    """``source`` where ``mask`` is set, ``image`` elsewhere, in the image's dtype."""
+    source = _as_image_dtype(source, image)
     if inplace:
-        return torch.where(mask, fill, image, out=image)
-    return torch.where(mask, fill, image)
+        return torch.where(mask, source, image, out=image)
+    return torch.where(mask, source, image)
+
+
+def plane_sums(image: Tensor) -> Tensor:
+    """The sum of every image channel, ``(..., C, 1, 1)``, in floating point."""
+    return (image if image.is_floating_point() else image.float()).sum(dim=(-2, -1), keepdim=True)
+
+
+def mean_source(image: Tensor, sums: Tensor | None = None) -> Tensor:
+    """The per-image, per-channel mean, ``(..., C, 1, 1)``; ``sums`` reuses :func:`plane_sums` already taken."""
+    # The sum divided by the pixel count is bit-identical to Tensor.mean and reads the image twice as fast.
+    return (plane_sums(image) if sums is None else sums) / (image.shape[-2] * image.shape[-1])
+
+
+def constant_source(image: Tensor, value: float = 0.0) -> Tensor:
+    """``value`` as a 0-dim tensor of the image's dtype, checked against the uint8 range."""
+    if not image.is_floating_point() and not 0 <= value <= 255:
+        raise ValueError(f"value must be in [0, 255] for a uint8 image, got {value}")
+    return torch.tensor(value, dtype=image.dtype, device=image.device)
+
+
+def blur_source(image: Tensor, kernel_size: int = BLUR_KERNEL_SIZE, sigma: float = BLUR_SIGMA) -> Tensor:
+    """The strongly blurred copy of the view."""
+    return gaussian_blur(image if image.is_floating_point() else image.float(), kernel_size, sigma)
 
 
 def _checked(image: Tensor, mask: Tensor) -> None:
@@ -50,10 +83,7 @@ def fill_constant(image: Tensor, mask: Tensor, value: float = 0.0, *, inplace: b
         [0.0, 0.0, 1.0, 1.0]
     """
     _checked(image, mask)
-    if not image.is_floating_point() and not 0 <= value <= 255:
-        raise ValueError(f"value must be in [0, 255] for a uint8 image, got {value}")
-    fill = torch.tensor(value, dtype=image.dtype, device=image.device)
-    return _where(mask, fill, image, inplace)
+    return where_masked(mask, constant_source(image, value), image, inplace)
 
 
 def fill_mean(image: Tensor, mask: Tensor, *, inplace: bool = False) -> Tensor:
@@ -75,13 +105,16 @@ def fill_mean(image: Tensor, mask: Tensor, *, inplace: bool = False) -> Tensor:
         7.5
     """
     _checked(image, mask)
-    compute = image if image.is_floating_point() else image.float()
-    mean = compute.mean(dim=(-2, -1), keepdim=True)
-    return _where(mask, mean, image, inplace)
+    return where_masked(mask, mean_source(image), image, inplace)
 
 
 def fill_blur(
-    image: Tensor, mask: Tensor, kernel_size: int = 31, sigma: float = 10.0, *, inplace: bool = False
+    image: Tensor,
+    mask: Tensor,
+    kernel_size: int = BLUR_KERNEL_SIZE,
+    sigma: float = BLUR_SIGMA,
+    *,
+    inplace: bool = False,
 ) -> Tensor:
     """Fill masked pixels with a strongly blurred copy of the view (the strong-blur strategy).
 
@@ -104,8 +137,7 @@ def fill_blur(
         (True, True)
     """
     _checked(image, mask)
-    compute = image if image.is_floating_point() else image.float()
-    return _where(mask, gaussian_blur(compute, kernel_size, sigma), image, inplace)
+    return where_masked(mask, blur_source(image, kernel_size, sigma), image, inplace)
 
 
 def fill_noise(
@@ -141,7 +173,7 @@ def fill_noise(
         0.5
     """
     _checked(image, mask)
-    check_float_image(image, "noise")
+    check_float_image(image, "the noise fill")
     if not std >= 0:
         raise ValueError(f"std must be non-negative, got {std}")
     if image.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -157,43 +189,41 @@ def fill_noise(
     return torch.where(mask, noise, image, out=image if inplace else noise)
 
 
-def fill_high_pass(
-    image: Tensor,
-    mask: Tensor,
-    noise_std: float = 0.18,
-    kernel_size: int = 11,
-    sigma: float = 5.0,
-    *,
-    generator: torch.Generator | None = None,
-    inplace: bool = False,
+def fill_patch_rows(
+    image: Tensor, patch_mask: Tensor, source: Tensor, patch_size: tuple[int, int], *, inplace: bool = False
 ) -> Tensor:
-    """High-pass filter the whole view, then replace masked pixels with Gaussian noise.
+    """Write ``source`` into the masked patches of an image whose sides are multiples of the patch.
 
-    The recipe of MSCN used by the high-pass strategy: the filter removes the low frequencies that make
-    the masks' edges stand out, and the noise matches the statistics of the filtered view.
+    The same result as rendering the patch mask into pixels and filling through it, on a CPU without the
+    element-wise select: the image is copied and only the masked patches' pixel rows are written, each
+    a contiguous run of ``patch_width`` values.
 
     Args:
-        image: ``(C, H, W)`` or ``(B, C, H, W)`` float image (the release filters the normalised view).
-        mask: boolean mask broadcasting against ``image``.
-        noise_std: standard deviation of the noise (release: 0.18 for positives, 0.14 for hard negatives).
-        kernel_size: odd Gaussian kernel length of the filter.
-        sigma: Gaussian standard deviation of the filter.
-        generator: source of randomness.
+        image: ``(..., C, H, W)`` image, ``H`` and ``W`` multiples of the patch.
+        patch_mask: ``(..., S, rows, cols)`` masked patches, ``S`` 1 (every channel) or ``C``.
+        source: what masked pixels take, broadcasting against ``image``.
+        patch_size: ``(patch_height, patch_width)``.
         inplace: write into ``image``.
-
-    Returns:
-        The filtered and filled image.
-
-    Example:
-        >>> image = torch.rand(3, 64, 64)
-        >>> mask = torch.zeros(1, 64, 64, dtype=torch.bool)
-        >>> out = fill_high_pass(image, mask)
-        >>> torch.allclose(out, high_pass(image))
-        True
     """
-    _checked(image, mask)
-    check_float_image(image, "high_pass")
-    filtered = high_pass(image, kernel_size, sigma)
-    if inplace:
-        filtered = image.copy_(filtered)
-    return fill_noise(filtered, mask, noise_std, generator=generator, inplace=True)
+    patch_height, patch_width = patch_size
+    *leading, channels, height, _ = image.shape
+    sets, rows, cols = patch_mask.shape[-3:]
+    # The image viewed as runs of patch_width pixels (a patch's share of a pixel row), numbered
+    # ((plane * height) + pixel_row) * cols + patch_column; each masked patch covers patch_height runs per channel.
+    *images, patch_set, patch_row, patch_col = patch_mask.reshape(-1, sets, rows, cols).nonzero().unbind(1)
+    image_index = images[0] if images else torch.zeros_like(patch_set)
+    channel = torch.arange(channels, device=image.device) if sets == 1 else patch_set[:, None]
+    plane = image_index[:, None] * channels + channel  # (n, C) for spatial patch sets, (n, 1) channel-wise
+    first_run = (plane * height + (patch_row * patch_height)[:, None]) * cols + patch_col[:, None]
+    offsets = torch.arange(patch_height, device=image.device) * cols
+    index = (first_run[..., None] + offsets).flatten()
+    if source.ndim < 2 or source.shape[-2:] == (1, 1):
+        # One value per image and channel (or one for all): look it up by the run's plane.
+        planes = source.expand(*leading, channels, 1, 1).reshape(-1)
+        values = planes[index // (height * cols)][:, None].expand(-1, patch_width)
+    else:
+        values = source.expand(image.shape).reshape(-1, patch_width)[index]
+    output = image if inplace else image.clone()
+    # Copying whole runs is several times faster than an index assignment.
+    output.view(-1, patch_width).index_copy_(0, index, _as_image_dtype(values, image))
+    return output

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from salmask.functional._checks import check_image, check_kernel
+from salmask._defaults import HIGH_PASS_KERNEL_SIZE, HIGH_PASS_SIGMA
+from salmask._validation import check_float_image, check_image, check_kernel
 
 __all__ = ["gaussian_blur", "high_pass"]
 
@@ -61,8 +62,7 @@ def gaussian_blur(image: Tensor, kernel_size: int, sigma: float) -> Tensor:
         True
     """
     check_kernel(kernel_size, sigma)
-    if not image.is_floating_point():
-        raise TypeError(f"image must be a float tensor to blur, got dtype {image.dtype}")
+    check_float_image(image, "the Gaussian blur")
     height, width = image.shape[-2:]
     compute_dtype = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
     rows = _blur_matrix(height, kernel_size, sigma, compute_dtype, image.device)
@@ -71,7 +71,7 @@ def gaussian_blur(image: Tensor, kernel_size: int, sigma: float) -> Tensor:
     return blurred.to(image.dtype)
 
 
-def high_pass(image: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
+def high_pass(image: Tensor, kernel_size: int = HIGH_PASS_KERNEL_SIZE, sigma: float = HIGH_PASS_SIGMA) -> Tensor:
     """High-pass filter: the image minus its Gaussian blur.
 
     The filter that hides the parasitic edges of masking in the high-pass strategy. An encoder pretrained
@@ -91,8 +91,5 @@ def high_pass(image: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tenso
         True
     """
     check_image(image)
-    if not image.is_floating_point():
-        raise TypeError(
-            f"image must be a float tensor for the high-pass filter (its output is signed), got dtype {image.dtype}"
-        )
+    check_float_image(image, "the high-pass filter")
     return image - gaussian_blur(image, kernel_size, sigma)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from salmask.functional._checks import as_pair, check_patch_size
+from salmask._validation import as_pair, check_fraction, check_patch_size, check_saliency
 
 __all__ = ["expand_patch_mask", "patch_grid_size", "saliency_to_patch_grid"]
 
@@ -116,10 +116,8 @@ def saliency_to_patch_grid(
                 [0, 0, 0, 0, 0, 0, 0],
                 [0, 0, 0, 0, 0, 0, 0]], dtype=torch.int32)
     """
-    if saliency.ndim != 3:
-        raise ValueError(f"saliency must be shaped (B, h, w), got shape {tuple(saliency.shape)}")
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"saliency_threshold must be in (0, 1], got {threshold}")
+    saliency = check_saliency(saliency)
+    check_fraction(threshold, "saliency_threshold")
     patch_height, patch_width = check_patch_size(patch_size, image_size)
     rows, cols = patch_grid_size(image_size, (patch_height, patch_width))
     scores = saliency if saliency.is_floating_point() else saliency.float()

@@ -1,85 +1,118 @@
-"""The whole masking step for a batch: draw every image's mask, then fill it."""
+"""The whole masking step for a batch: draw every image's mask, render it where it is applied, fill it.
+
+:func:`draw_mask_params` draws the random part of a batch's masks, a few small tensors per image (patch
+sets on the grid, ratios, mask types, focal windows); :func:`render_mask` turns them into a pixel mask
+and :func:`apply_mask` fills the pixels they mask. Replaying a draw is calling :func:`apply_mask` again
+with the same parameters.
+"""
 
 from __future__ import annotations
 
-import math
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from salmask.functional._checks import check_image, check_probability, check_ratio
-from salmask.functional._fill import fill_blur, fill_constant, fill_high_pass, fill_mean, fill_noise
+from salmask._defaults import (
+    FOCAL_FILL_FRACTION,
+    FOCAL_KEEP_FRACTION,
+    MASK_RATIO,
+    PATCH_SIZE,
+    SALIENCY_THRESHOLD,
+    SPATIAL_ONLY,
+)
+from salmask._validation import (
+    as_pair,
+    check_finite_image,
+    check_fraction,
+    check_image,
+    check_kernel,
+    check_mask,
+    check_mask_ratio,
+    check_mask_type_probs,
+    check_probability,
+    check_saliency,
+    values_readable,
+)
+from salmask.functional._fill import (
+    blur_source,
+    constant_source,
+    fill_blur,
+    fill_constant,
+    fill_mean,
+    fill_noise,
+    fill_patch_rows,
+    mean_source,
+    plane_sums,
+    where_masked,
+)
 from salmask.functional._grid import expand_patch_mask, patch_grid_size, saliency_to_patch_grid
 from salmask.functional._sampling import (
     MASK_TYPES,
+    draw_focal_windows,
+    draw_mask_ratios,
     draw_mask_types,
-    draw_ratios,
     focal_window_mask,
     sample_patch_mask,
 )
 
-__all__ = ["FILLS", "apply_fill", "draw_mask_params", "mask_images"]
+__all__ = ["FILLS", "apply_fill", "apply_mask", "draw_mask_params", "mask_images", "render_mask"]
 
 #: The fills by name; each takes ``(image, mask, **fill_options)``.
 FILLS: dict[str, Callable[..., Tensor]] = {
-    "high_pass": fill_high_pass,
+    "noise": fill_noise,
     "blur": fill_blur,
     "mean": fill_mean,
     "constant": fill_constant,
-    "noise": fill_noise,
+}
+# What masked pixels take, for the fills that draw no noise.
+_SOURCES: dict[str, Callable[..., Tensor]] = {"blur": blur_source, "mean": mean_source, "constant": constant_source}
+
+# The options each fill kernel takes after (image, mask), with the kernel's own defaults.
+_FILL_OPTIONS = {
+    name: {
+        parameter.name: parameter.default
+        for parameter in list(inspect.signature(kernel).parameters.values())[2:]
+        if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    }
+    for name, kernel in FILLS.items()
 }
 
 SPATIAL, CHANNEL, FOCAL = range(len(MASK_TYPES))
 
 
-def check_mask_type_probs(mask_type_probs: dict[str, float]) -> dict[str, float]:
-    if not isinstance(mask_type_probs, dict) or not mask_type_probs:
-        raise TypeError(f"mask_type_probs must be a dict from {MASK_TYPES} to probabilities, got {mask_type_probs!r}")
-    unknown = set(mask_type_probs) - set(MASK_TYPES)
+def check_fill(fill: str, fill_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate a fill's name and options; return its options completed with the kernel's defaults."""
+    if fill == "high_pass":
+        raise ValueError(
+            "fill 'high_pass' is a recipe, not a fill: the high-pass filter of the whole view followed by the "
+            "noise fill (HighPassMask, or MaskedViews('high_pass'))"
+        )
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {sorted(FILLS)}, got {fill!r}")
+    defaults = _FILL_OPTIONS[fill]
+    unknown = set(fill_options or {}) - set(defaults)
     if unknown:
-        raise ValueError(f"mask_type_probs has unknown mask types {sorted(unknown)}; known: {MASK_TYPES}")
-    for name, probability in mask_type_probs.items():
-        check_probability(probability, f"mask_type_probs[{name!r}]")
-    if not math.isclose(sum(mask_type_probs.values()), 1.0, abs_tol=1e-6):
-        raise ValueError(f"mask_type_probs must sum to 1, got {mask_type_probs!r}")
-    return {name: float(probability) for name, probability in mask_type_probs.items()}
-
-
-def canonical_saliency(saliency: Tensor, batch_size: int, batched: bool) -> Tensor:
-    """Bring a saliency map to ``(B, h, w)``, checking it belongs to ``batch_size`` images."""
-    if not isinstance(saliency, Tensor):
-        raise TypeError(f"saliency must be a tensor, got {type(saliency).__name__}")
-    if saliency.dtype != torch.bool and not saliency.is_floating_point():
-        raise TypeError(f"saliency must be bool or float scores in [0, 1], got dtype {saliency.dtype}")
-    if saliency.ndim == 4 and saliency.shape[1] == 1:
-        saliency = saliency[:, 0]
-    if saliency.ndim == 2:
-        saliency = saliency[None]
-    if saliency.ndim != 3:
-        raise ValueError(
-            f"saliency must be shaped (H, W), (1, H, W), (B, H, W) or (B, 1, H, W), got {tuple(saliency.shape)}"
-        )
-    if saliency.shape[0] != batch_size:
-        expected = f"a batch of {batch_size}" if batched else "one image"
-        raise ValueError(
-            f"saliency holds {saliency.shape[0]} maps but the images are {expected}; pass one saliency map per image"
-        )
-    return saliency
+        raise ValueError(f"fill_options {sorted(unknown)} do not apply to fill {fill!r}; it takes {sorted(defaults)}")
+    options = {**defaults, **(fill_options or {})}
+    if "kernel_size" in options:
+        check_kernel(options["kernel_size"], options["sigma"])
+    return options
 
 
 def draw_mask_params(
     image_shape: tuple[int, ...] | torch.Size,
     saliency: Tensor | None = None,
     *,
-    ratio: float | tuple[float, float] = (0.05, 0.25),
-    patch_size: int | tuple[int, int] = 32,
+    mask_ratio: float | tuple[float, float] = MASK_RATIO,
+    patch_size: int | tuple[int, int] = PATCH_SIZE,
     hard_negative: bool = False,
     mask_type_probs: dict[str, float] | None = None,
-    focal_keep_fraction: float = 200 / 224,
-    focal_fill_fraction: float = 130 / 224,
-    saliency_threshold: float = 0.5,
+    focal_keep_fraction: float = FOCAL_KEEP_FRACTION,
+    focal_fill_fraction: float = FOCAL_FILL_FRACTION,
+    saliency_threshold: float = SALIENCY_THRESHOLD,
     p: float = 1.0,
     same_on_batch: bool = False,
     device: torch.device | str | None = None,
@@ -87,14 +120,16 @@ def draw_mask_params(
 ) -> dict[str, Tensor]:
     """Draw the masks of a batch: ratios, mask types, patch sets and focal windows, per image.
 
-    This is the "where to mask" half of the method; :func:`apply_fill` is the "how". The result can be
-    read back (for figures and tests) and replayed on the same images.
+    This is the "where to mask" half of the method; :func:`apply_mask` is the "how". The result holds
+    the random draws only, a few small tensors per image (about 60 kB for 256 images at 224 px with
+    channel-wise masks possible); :func:`render_mask` turns them into pixels where they are applied.
+    They can be read back (for figures and tests) and replayed on the same images.
 
     Args:
         image_shape: ``(B, C, H, W)`` (or ``(C, H, W)`` for one image) of the images to mask.
         saliency: ``(B, h, w)`` (or ``(h, w)``) boolean map or float scores of any spatial size, resampled
             onto the patch grid; ``None`` for uniform random masking (the MSCN baseline).
-        ratio: fraction of the patch grid to mask (positives: alpha, default ``U(0.05, 0.25)``) or of the
+        mask_ratio: fraction of the patch grid to mask (positives: alpha, default ``U(0.05, 0.25)``) or of the
             foreground (hard negatives: beta, typically ``U(0.4, 0.7)``), fixed or a ``(low, high)`` range.
         patch_size: patch side in pixels, or ``(height, width)``; 32 gives the 7x7 grid at 224 px.
         hard_negative: mask foreground patches only, to make a hard negative from the key view.
@@ -111,11 +146,11 @@ def draw_mask_params(
     Returns:
         A dict of tensors, ``B`` first:
 
-        - ``"mask"``: ``(B, S, H, W)`` bool, the pixels to fill (``S`` is ``C`` when channel-wise masks are
-          possible, else 1);
-        - ``"patch_mask"``: ``(B, S, rows, cols)`` bool, the masked patches (empty for focal masks);
-        - ``"ratio"``: ``(B,)`` float; ``"mask_type"``: ``(B,)`` int64 codes into ``MASK_TYPES``;
-        - ``"focal_window"``: ``(B, 4)`` int64 ``(top, left, height, width)`` of the focal window;
+        - ``"patch_mask"``: ``(B, S, rows, cols)`` bool, the masked patches (``S`` is ``C`` when
+          channel-wise masks are possible, else 1; empty for focal masks);
+        - ``"mask_ratio"``: ``(B,)`` float; ``"mask_type"``: ``(B,)`` int64 codes into ``MASK_TYPES``;
+        - ``"focal_window"``: ``(B, 4)`` int64 ``(top, left, height, width)`` of the window a focal
+          positive keeps (a focal hard negative fills it); present only when focal masks can be drawn;
         - ``"applied"``: ``(B,)`` bool, the images that drew ``p``;
         - ``"valid"``: ``(B,)`` bool; for hard negatives, ``False`` where none could be made (no
           foreground, also for focal masks, or not applied), so the loss can drop it instead of
@@ -126,7 +161,7 @@ def draw_mask_params(
     Example:
         >>> saliency = torch.zeros(2, 7, 7, dtype=torch.bool)
         >>> saliency[:, 2:5, 2:5] = True
-        >>> params = draw_mask_params((2, 3, 224, 224), saliency, ratio=0.5, hard_negative=True)
+        >>> params = draw_mask_params((2, 3, 224, 224), saliency, mask_ratio=0.5, hard_negative=True)
         >>> params["patch_mask"].sum(dim=(1, 2, 3)).tolist(), params["valid"].tolist()
         ([5, 5], [True, True])
     """
@@ -136,16 +171,18 @@ def draw_mask_params(
     batch_size = image_shape[0] if batched else 1
     num_channels, height, width = (int(s) for s in image_shape[-3:])
     image_size = (height, width)
-    check_ratio(ratio)
+    check_mask_ratio(mask_ratio)
     p = check_probability(p, "p")
-    mask_type_probs = check_mask_type_probs(mask_type_probs or {"spatial": 1.0})
+    for name, fraction in (("focal_keep_fraction", focal_keep_fraction), ("focal_fill_fraction", focal_fill_fraction)):
+        check_fraction(fraction, name)
+    mask_type_probs = check_mask_type_probs(mask_type_probs or SPATIAL_ONLY)
     if device is None:
         device = saliency.device if saliency is not None else torch.device("cpu")
     device = torch.device(device)
     rows, cols = patch_grid_size(image_size, patch_size)
 
     if saliency is not None:
-        saliency = canonical_saliency(saliency, batch_size, batched).to(device)
+        saliency = check_saliency(saliency, batch_size=batch_size, batched=batched).to(device)
         foreground = saliency_to_patch_grid(saliency, image_size, patch_size, saliency_threshold)
     elif hard_negative:
         raise ValueError("a hard negative masks the object and needs a saliency map; got saliency=None")
@@ -153,18 +190,17 @@ def draw_mask_params(
         foreground = torch.ones(batch_size, rows, cols, dtype=torch.bool, device=device)
 
     draw: dict[str, Any] = {"device": device, "generator": generator, "same_on_batch": same_on_batch}
-    ratios = draw_ratios(ratio, batch_size, **draw)
+    ratios = draw_mask_ratios(mask_ratio, batch_size, **draw)
     mask_type = draw_mask_types(mask_type_probs, batch_size, **draw)
     applied = torch.rand((1 if same_on_batch else batch_size,), device=device, generator=generator) < p
     applied = applied.expand(batch_size)
 
     channel_wise = mask_type_probs.get("channel", 0.0) > 0
-    num_sets = num_channels if channel_wise else 1
     patch_sets = sample_patch_mask(
         foreground.flatten(1),
         ratios,
         hard_negative=hard_negative,
-        num_sets=num_sets,
+        num_sets=num_channels if channel_wise else 1,
         generator=generator,
         same_on_batch=same_on_batch,
     )
@@ -172,51 +208,68 @@ def draw_mask_params(
     patch_mask = torch.where((mask_type == CHANNEL)[:, None, None], patch_sets, patch_sets[:, :1])
     patch_mask = patch_mask & ((mask_type != FOCAL) & applied)[:, None, None]
     patch_mask = patch_mask.unflatten(-1, (rows, cols))
-    mask = expand_patch_mask(patch_mask, image_size, patch_size)
-
-    # A hard negative exists where some patch of the object, or a focal window, is masked.
-    valid = (
-        patch_mask.flatten(1).any(dim=1) if hard_negative else torch.ones(batch_size, dtype=torch.bool, device=device)
-    )
-    uses_focal = mask_type_probs.get("focal", 0.0) > 0
-    if uses_focal:
-        focal_mask, focal_window = focal_window_mask(
-            batch_size,
-            image_size,
-            focal_fill_fraction if hard_negative else focal_keep_fraction,
-            keep_window=not hard_negative,
-            **draw,
-        )
-        is_focal = (mask_type == FOCAL) & applied
+    params = {
+        "patch_mask": patch_mask,
+        "mask_ratio": ratios,
+        "mask_type": mask_type,
+        "applied": applied,
+        # A hard negative exists where some patch of the object is masked (or, below, a focal window).
+        "valid": patch_mask.flatten(1).any(dim=1) if hard_negative else torch.ones_like(applied),
+        "foreground": foreground,
+    }
+    if mask_type_probs.get("focal", 0.0) > 0:
+        fraction = focal_fill_fraction if hard_negative else focal_keep_fraction
+        params["focal_window"] = draw_focal_windows(batch_size, image_size, fraction, **draw)
         if hard_negative:
             # A focal window ignores saliency; on an image without foreground it would hide background only,
             # and the "negative" would be the key itself (the release counts it anyway).
-            is_focal = is_focal & foreground.flatten(1).any(dim=1)
-        mask = torch.where(is_focal[:, None, None, None], focal_mask, mask)
-        if hard_negative:
-            valid = valid | is_focal
-    else:
-        # Skipping the focal pass when focal masks cannot be drawn saves two passes over the pixels.
-        focal_window = torch.zeros(batch_size, 4, dtype=torch.long, device=device)
-    params = {
-        "mask": mask,
-        "patch_mask": patch_mask,
-        "ratio": ratios,
-        "mask_type": mask_type,
-        "focal_window": focal_window,
-        "applied": applied,
-        "valid": valid,
-        "foreground": foreground,
-    }
+            is_focal = (mask_type == FOCAL) & applied & foreground.flatten(1).any(dim=1)
+            params["valid"] = params["valid"] | is_focal
     if not batched:
         params = {name: value[0] for name, value in params.items()}
     return params
 
 
+def render_mask(
+    params: dict[str, Tensor],
+    image_size: tuple[int, int],
+    patch_size: int | tuple[int, int] = PATCH_SIZE,
+    *,
+    hard_negative: bool = False,
+) -> Tensor:
+    """The pixel mask of a draw: its patch sets spread over their pixels, or its focal windows.
+
+    Args:
+        params: from :func:`draw_mask_params`.
+        image_size: ``(H, W)`` of the images the draw was made for.
+        patch_size: the patch the draw was made with.
+        hard_negative: the draw is a hard negative's, whose focal windows are filled, not kept.
+
+    Returns:
+        ``(B, S, H, W)`` (or ``(S, H, W)`` for one image) bool, ``True`` where to fill.
+
+    Example:
+        >>> params = draw_mask_params((2, 3, 64, 64), mask_ratio=0.25, patch_size=16)
+        >>> render_mask(params, (64, 64), 16).sum(dim=(1, 2, 3)).tolist()
+        [1024, 1024]
+    """
+    batched = params["mask_type"].ndim == 1
+    if not batched:
+        params = {name: value[None] for name, value in params.items()}
+    mask = expand_patch_mask(params["patch_mask"], image_size, patch_size)
+    window = params.get("focal_window")
+    if window is not None:
+        # Skipped when focal masks cannot be drawn: two passes over the pixels saved.
+        is_focal = (params["mask_type"] == FOCAL) & params["applied"] & params["valid"]
+        focal_mask = focal_window_mask(window, image_size, keep_window=not hard_negative)
+        mask = torch.where(is_focal[:, None, None, None], focal_mask, mask)
+    return mask if batched else mask[0]
+
+
 def apply_fill(
     image: Tensor,
     mask: Tensor,
-    fill: str = "high_pass",
+    fill: str = "noise",
     *,
     generator: torch.Generator | None = None,
     inplace: bool = False,
@@ -226,38 +279,110 @@ def apply_fill(
 
     Args:
         image: ``(C, H, W)`` or ``(B, C, H, W)`` image.
-        mask: boolean pixel mask broadcasting against ``image``, e.g. ``params["mask"]``.
-        fill: ``"high_pass"``, ``"blur"``, ``"mean"``, ``"constant"`` or ``"noise"``.
-        generator: source of randomness for the fills that draw noise.
+        mask: boolean pixel mask broadcasting against ``image``, e.g. from :func:`render_mask`.
+        fill: ``"noise"``, ``"blur"``, ``"mean"`` or ``"constant"``.
+        generator: source of randomness for the noise fill.
         inplace: write into ``image``.
-        **fill_options: the fill's own options (``noise_std``, ``kernel_size``, ``sigma``, ``value``, ...).
+        **fill_options: the fill's own options (``std``, ``kernel_size``, ``sigma``, ``value``, ...).
 
     Returns:
         The masked image.
 
     Example:
         >>> image = torch.rand(2, 3, 64, 64)
-        >>> params = draw_mask_params(image.shape, ratio=0.25)
-        >>> apply_fill(image, params["mask"], "mean").shape
+        >>> mask = render_mask(draw_mask_params(image.shape, mask_ratio=0.25), (64, 64))
+        >>> apply_fill(image, mask, "mean").shape
         torch.Size([2, 3, 64, 64])
     """
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {sorted(FILLS)}, got {fill!r}")
-    if fill in ("high_pass", "noise"):
+    if fill == "noise":
         fill_options["generator"] = generator
     return FILLS[fill](image, mask, inplace=inplace, **fill_options)
+
+
+def _writes_patch_rows(image: Tensor, params: dict[str, Tensor], patch_size: tuple[int, int]) -> bool:
+    """Whether the masked patches can be written directly instead of through a rendered pixel mask."""
+    if image.device.type != "cpu" or torch.compiler.is_compiling() or not image.is_contiguous():
+        return False
+    if image.shape[-2] % patch_size[0] or image.shape[-1] % patch_size[1]:
+        return False
+    if "focal_window" not in params:
+        return True
+    # Reading these few flags costs nothing on a CPU.
+    return not bool(((params["mask_type"] == FOCAL) & params["applied"] & params["valid"]).any())
+
+
+def apply_mask(
+    image: Tensor,
+    params: dict[str, Tensor],
+    fill: str = "noise",
+    *,
+    patch_size: int | tuple[int, int] = PATCH_SIZE,
+    hard_negative: bool = False,
+    generator: torch.Generator | None = None,
+    inplace: bool = False,
+    check_finite: bool = False,
+    **fill_options: Any,
+) -> Tensor:
+    """Mask ``image`` as ``params`` say: render the draw's pixel mask and fill it.
+
+    The one way to apply (and to replay) a draw of :func:`draw_mask_params`; the transforms and
+    :class:`~salmask.ssl.MaskedViews` call it. On a CPU, patch-aligned spatial and channel-wise masks
+    of the fills that draw no noise are written patch by patch: the same pixels without an element-wise
+    select over the whole image.
+
+    Args:
+        image: ``(C, H, W)`` or ``(B, C, H, W)`` image the draw was made for.
+        params: from :func:`draw_mask_params`.
+        fill: name of the fill (see ``FILLS``).
+        patch_size: the patch the draw was made with.
+        hard_negative: the draw is a hard negative's (its focal windows are filled, not kept).
+        generator: source of randomness for the noise fill.
+        inplace: write into ``image``.
+        check_finite: raise ``ValueError`` for an image with NaN or infinite values. It costs one reading
+            pass over the image (none with the mean fill, whose means it reuses) and, on an accelerator, a
+            host synchronisation; it is skipped where values cannot be read (meta tensors, tracing).
+        **fill_options: the fill's own options.
+
+    Returns:
+        The masked image.
+
+    Example:
+        >>> image = torch.rand(4, 3, 64, 64)
+        >>> params = draw_mask_params(image.shape, mask_ratio=0.25, patch_size=16)
+        >>> torch.equal(apply_mask(image, params, "mean", patch_size=16),
+        ...             apply_mask(image, params, "mean", patch_size=16))
+        True
+    """
+    check_image(image)
+    fill_options = check_fill(fill, fill_options)
+    sums = None
+    if check_finite and image.is_floating_point() and values_readable(image):
+        sums = plane_sums(image)
+        check_finite_image(image, sums)
+    patch_pair = as_pair(patch_size)
+    if fill == "noise":
+        mask = render_mask(params, tuple(image.shape[-2:]), patch_size, hard_negative=hard_negative)
+        return fill_noise(image, mask, generator=generator, inplace=inplace, **fill_options)
+    source = mean_source(image, sums) if fill == "mean" else _SOURCES[fill](image, **fill_options)
+    if _writes_patch_rows(image, params, patch_pair):
+        return fill_patch_rows(image, params["patch_mask"], source, patch_pair, inplace=inplace)
+    mask = render_mask(params, tuple(image.shape[-2:]), patch_size, hard_negative=hard_negative)
+    check_mask(mask, image)
+    return where_masked(mask, source, image, inplace)
 
 
 def mask_images(
     image: Tensor,
     saliency: Tensor | None = None,
-    fill: str = "high_pass",
+    fill: str = "noise",
     *,
     generator: torch.Generator | None = None,
     fill_options: dict[str, Any] | None = None,
     **mask_options: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mask a batch in one call: :func:`draw_mask_params` followed by :func:`apply_fill`.
+    """Mask a batch in one call: :func:`draw_mask_params` followed by :func:`apply_mask`.
 
     Args:
         image: ``(C, H, W)`` or ``(B, C, H, W)`` image.
@@ -272,10 +397,19 @@ def mask_images(
 
     Example:
         >>> image = torch.rand(4, 3, 224, 224)
-        >>> masked, params = mask_images(image, fill="blur", ratio=0.25)
+        >>> masked, params = mask_images(image, fill="blur", mask_ratio=0.25)
         >>> params["patch_mask"].sum(dim=(1, 2, 3)).tolist()
         [12, 12, 12, 12]
     """
     check_image(image)
     params = draw_mask_params(image.shape, saliency, device=image.device, generator=generator, **mask_options)
-    return apply_fill(image, params["mask"], fill, generator=generator, **(fill_options or {})), params
+    masked = apply_mask(
+        image,
+        params,
+        fill,
+        patch_size=mask_options.get("patch_size", PATCH_SIZE),
+        hard_negative=mask_options.get("hard_negative", False),
+        generator=generator,
+        **(fill_options or {}),
+    )
+    return masked, params

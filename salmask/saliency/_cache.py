@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from salmask.saliency._scda import SCDA, _check_threshold_std, scda_foreground
+from salmask._validation import check_int, check_real
+from salmask.saliency._scda import SCDA, scda_foreground
 from salmask.tv_tensors import Saliency
 
 __all__ = [
@@ -183,7 +184,7 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
     if not path.is_file():
         raise FileNotFoundError(
             f"saliency cache {str(path)!r} does not exist; build it with "
-            "`python -m salmask.saliency.cache --root <ImageFolder> --out <file>`"
+            "`python -m salmask.saliency.build_cache --root <ImageFolder> --out <file>`"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -212,7 +213,7 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
         raise _fail(
             path,
             f"incomplete ({int(done.sum())} of {num_images} images computed); re-run the same "
-            "`python -m salmask.saliency.cache` command to finish it",
+            "`python -m salmask.saliency.build_cache` command to finish it",
         )
     header = {key: state[key] for key in _HEADER_KEYS}
     return SaliencyCache(header, activation, done, paths)
@@ -284,10 +285,8 @@ def build_saliency_cache(
 
     if not isinstance(scda, SCDA):
         raise TypeError(f"scda must be an SCDA module, got {type(scda).__name__}")
-    if not isinstance(image_size, int) or image_size <= 0:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int(image_size, "image_size", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
     out = Path(out)
     if device is not None:
         scda = scda.to(device)
@@ -307,7 +306,7 @@ def build_saliency_cache(
         "format": CACHE_FORMAT,
         "version": CACHE_FORMAT_VERSION,
         "backbone": scda.name,
-        "threshold_std": _check_threshold_std(scda.threshold_std),
+        "threshold_std": check_real(scda.threshold_std, "threshold_std"),
         "largest_component": scda.largest_component,
         "image_size": [image_size, image_size],
         "grid": list(grid),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from salmask._defaults import SCDA_THRESHOLD_STD
+from salmask._validation import check_choice, check_real, check_size
 from salmask.tv_tensors import Saliency
 
 __all__ = ["SCDA", "activation_from_features", "largest_connected_component", "scda_foreground"]
@@ -16,29 +17,6 @@ __all__ = ["SCDA", "activation_from_features", "largest_connected_component", "s
 # Relative spread below which an activation map is treated as constant: a blank view gives a map whose
 # cells differ only by rounding, and thresholding that noise would draw a random foreground.
 _CONSTANT_MAP_TOLERANCE = 1e-6
-
-
-def _check_threshold_std(threshold_std: float) -> float:
-    if isinstance(threshold_std, bool) or not isinstance(threshold_std, (int, float)):
-        raise TypeError(f"threshold_std must be a real number, got {type(threshold_std).__name__}")
-    if not math.isfinite(threshold_std):
-        raise ValueError(f"threshold_std must be finite, got {threshold_std}")
-    return float(threshold_std)
-
-
-def _check_connectivity(connectivity: int) -> int:
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
-    return connectivity
-
-
-def _pair(value: int | Sequence[int] | None, name: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return pair  # type: ignore[return-value]
 
 
 def activation_from_features(features: Tensor) -> Tensor:
@@ -66,7 +44,7 @@ def activation_from_features(features: Tensor) -> Tensor:
 
 def scda_foreground(
     activation: Tensor,
-    threshold_std: float = 0.6,
+    threshold_std: float = SCDA_THRESHOLD_STD,
     *,
     largest_component: bool = False,
     connectivity: int = 8,
@@ -102,8 +80,8 @@ def scda_foreground(
                 [1, 1, 1],
                 [0, 1, 0]], dtype=torch.int32)
     """
-    threshold_std = _check_threshold_std(threshold_std)
-    _check_connectivity(connectivity)
+    threshold_std = check_real(threshold_std, "threshold_std")
+    check_choice(connectivity, "connectivity", (4, 8))
     if not isinstance(activation, Tensor) or activation.ndim not in (2, 3):
         shape = tuple(activation.shape) if isinstance(activation, Tensor) else type(activation).__name__
         raise ValueError(f"activation must be shaped (U, V) or (B, U, V), got {shape}")
@@ -171,7 +149,7 @@ def largest_connected_component(foreground: Tensor, *, connectivity: int = 8) ->
                 [0, 0, 0, 1],
                 [0, 0, 0, 1]], dtype=torch.int32)
     """
-    _check_connectivity(connectivity)
+    check_choice(connectivity, "connectivity", (4, 8))
     if not isinstance(foreground, Tensor) or foreground.ndim not in (2, 3):
         shape = tuple(foreground.shape) if isinstance(foreground, Tensor) else type(foreground).__name__
         raise ValueError(f"foreground must be shaped (U, V) or (B, U, V), got {shape}")
@@ -242,7 +220,7 @@ class SCDA(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        threshold_std: float = 0.6,
+        threshold_std: float = SCDA_THRESHOLD_STD,
         *,
         largest_component: bool = False,
         connectivity: int = 8,
@@ -254,11 +232,11 @@ class SCDA(nn.Module):
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         self.backbone = backbone
-        self.threshold_std = _check_threshold_std(threshold_std)
+        self.threshold_std = check_real(threshold_std, "threshold_std")
         self.largest_component = bool(largest_component)
-        self.connectivity = _check_connectivity(connectivity)
-        self.input_size = _pair(input_size, "input_size")
-        self.output_size = _pair(output_size, "output_size")
+        self.connectivity = check_choice(connectivity, "connectivity", (4, 8))
+        self.input_size = None if input_size is None else check_size(input_size, "input_size")
+        self.output_size = None if output_size is None else check_size(output_size, "output_size")
         self.name = name or getattr(backbone, "saliency_name", None) or type(backbone).__name__
         self.backbone.requires_grad_(False)
         super().train(False)

@@ -11,31 +11,23 @@ Optimisers and schedules come from timm (``timm.optim.create_optimizer_v2(model,
 """
 
 from salmask.ssl._checkpoint import (
-    BAD_IMAGE_POLICIES,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    BadImageError,
     CheckpointError,
-    ResumableSampler,
-    SeededDataset,
-    StopSignal,
-    encoder_state_dict,
-    finite_or_raise,
-    get_rng_state,
-    input_filter_of,
     load_checkpoint,
-    load_state_dict_checked,
-    pretrained_encoder,
-    restore_training_state,
     save_checkpoint,
-    set_rng_state,
-    training_state,
 )
 from salmask.ssl._encoders import RESNETS, build_encoder, feature_dim_of, projection_head
+from salmask.ssl._evaluation import encoder_state_dict, input_filter_of, pretrained_encoder, record_input_filter
 from salmask.ssl._knn import extract_features, knn_predict, knn_top1
 from salmask.ssl._moco import BATCH_NORM_MODES, MoCo, batch_shuffle, batch_unshuffle
+from salmask.ssl._queue import MomentumQueue
+from salmask.ssl._resumable_data import BAD_IMAGE_POLICIES, BadImageError, ResumableSampler, SeededDataset
+from salmask.ssl._rng import get_rng_state, set_rng_state
 from salmask.ssl._simclr import SimCLR
+from salmask.ssl._stopping import StopSignal, finite_or_raise
 from salmask.ssl._three_views import ThreeViews, ThreeViewsOutput
+from salmask.ssl._training_state import load_state_dict_checked, restore_training_state, training_state
 from salmask.ssl._views import STRATEGIES, MaskedViews, MaskedViewsOutput, TwoViews
 
 __all__ = [
@@ -50,6 +42,7 @@ __all__ = [
     "MaskedViews",
     "MaskedViewsOutput",
     "MoCo",
+    "MomentumQueue",
     "ResumableSampler",
     "SeededDataset",
     "SimCLR",
@@ -72,6 +65,7 @@ __all__ = [
     "load_state_dict_checked",
     "pretrained_encoder",
     "projection_head",
+    "record_input_filter",
     "restore_training_state",
     "save_checkpoint",
     "set_rng_state",

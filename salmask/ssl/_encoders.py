@@ -7,6 +7,9 @@ from typing import Any
 import torchvision
 from torch import nn
 
+from salmask._defaults import EMBEDDING_DIM
+from salmask._validation import check_choice, check_int
+
 __all__ = ["RESNETS", "build_encoder", "feature_dim_of", "projection_head"]
 
 #: The torchvision ResNet family accepted by :func:`build_encoder`.
@@ -51,8 +54,7 @@ def build_encoder(
         >>> encoder.num_features, encoder(torch.randn(2, 3, 32, 32)).shape
         (512, torch.Size([2, 512]))
     """
-    if name not in RESNETS:
-        raise ValueError(f"name must be one of {RESNETS}, got {name!r}")
+    check_choice(name, "name", RESNETS)
     model = torchvision.models.get_model(name, weights=weights, zero_init_residual=zero_init_residual)
     if small_images:
         stem_channels = model.conv1.out_channels
@@ -82,13 +84,11 @@ def feature_dim_of(encoder: nn.Module, feature_dim: int | None = None) -> int:
                 f"encoder ({type(encoder).__name__}) has no num_features attribute; pass feature_dim=, the size "
                 "of the (B, feature_dim) features it returns"
             )
-    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-        raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
-    return feature_dim
+    return check_int(feature_dim, "feature_dim", minimum=1)
 
 
 def projection_head(
-    in_features: int, hidden_features: int | None = None, out_features: int = 128, *, batch_norm: bool = False
+    in_features: int, hidden_features: int | None = None, out_features: int = EMBEDDING_DIM, *, batch_norm: bool = False
 ) -> nn.Sequential:
     """The 2-layer MLP projection head of MoCo v2 and SimCLR: linear, (BN,) ReLU, linear.
 
@@ -110,10 +110,19 @@ def projection_head(
     hidden_features = in_features if hidden_features is None else hidden_features
     sizes = {"in_features": in_features, "hidden_features": hidden_features, "out_features": out_features}
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, minimum=1)
     layers: list[nn.Module] = [nn.Linear(in_features, hidden_features, bias=not batch_norm)]
     if batch_norm:
         layers.append(nn.BatchNorm1d(hidden_features))
     layers += [nn.ReLU(inplace=True), nn.Linear(hidden_features, out_features)]
     return nn.Sequential(*layers)
+
+
+def head_for(
+    encoder: nn.Module, feature_dim: int | None, hidden_dim: int | None, dim: int, projector: nn.Module | None
+) -> tuple[int, nn.Module]:
+    """The encoder's feature size and the projection head on it: ``projector`` if given, else the MLP."""
+    feature_dim = feature_dim_of(encoder, feature_dim)
+    if projector is not None and not isinstance(projector, nn.Module):
+        raise TypeError(f"projector must be an nn.Module or None, got {type(projector).__name__}")
+    return feature_dim, projection_head(feature_dim, hidden_dim, dim) if projector is None else projector

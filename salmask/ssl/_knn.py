@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from salmask._validation import check_int, check_positive
 from salmask.distributed import all_gather, get_world_size
 
 __all__ = ["extract_features", "knn_predict", "knn_top1"]
@@ -155,10 +156,8 @@ def knn_predict(
     if bank_labels.shape != bank_features.shape[:1]:
         raise ValueError(f"bank_labels must be ({bank_features.shape[0]},), got {tuple(bank_labels.shape)}")
     for name, value in (("num_classes", num_classes), ("k", k), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature!r}")
+        check_int(value, name, minimum=1)
+    check_positive(temperature, "temperature")
     if bank_features.shape[0] == 0:
         raise ValueError("the feature bank is empty")
     k = min(k, bank_features.shape[0])

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from salmask._defaults import EMBEDDING_DIM, HARD_NEGATIVE_WEIGHT, KEY_ENCODER_MOMENTUM, QUEUE_SIZE, TEMPERATURE
+from salmask._validation import check_choice, check_probability, check_step_views
 from salmask.distributed import all_gather, get_rank, get_world_size
-from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput, MomentumQueue
-from salmask.ssl._encoders import feature_dim_of, projection_head
+from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput
+from salmask.ssl._encoders import head_for
+from salmask.ssl._queue import MomentumQueue
 
 __all__ = ["BATCH_NORM_MODES", "MoCo", "batch_shuffle", "batch_unshuffle"]
 
@@ -70,38 +73,13 @@ def batch_unshuffle(outputs: Tensor, restore: Tensor | None) -> Tensor:
     return all_gather(outputs)[restore.view(get_world_size(), -1)[get_rank()]]
 
 
-def _check_views(query: Any, key: Any) -> None:
-    for view, name in ((query, "query"), (key, "key")):
-        if not isinstance(view, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(view).__name__}")
-        if view.ndim != 4 or not view.is_floating_point():
-            raise ValueError(f"{name} must be a float (B, C, H, W) batch, got {view.dtype} {tuple(view.shape)}")
-    if query.shape != key.shape:
-        raise ValueError(f"query and key must share one shape, got {tuple(query.shape)} and {tuple(key.shape)}")
-
-
-def _check_hard_negatives(hard_negatives: Any, query: Tensor) -> None:
-    if not isinstance(hard_negatives, Tensor):
-        raise TypeError(f"hard_negatives must be a torch.Tensor, got {type(hard_negatives).__name__}")
-    batch_size, *image_shape = query.shape
-    shape = tuple(hard_negatives.shape)
-    ok = (hard_negatives.ndim == 4 and shape == tuple(query.shape)) or (
-        hard_negatives.ndim == 5 and shape[0] == batch_size and list(shape[2:]) == image_shape
-    )
-    if not ok:
-        raise ValueError(
-            f"hard_negatives must be (B, C, H, W) or (B, M, C, H, W) matching query {tuple(query.shape)}, "
-            f"got shape {shape}"
-        )
-
-
 class MoCo(nn.Module):
     """MoCo v2 with per-image hard negatives: query encoder, momentum key encoder, queue and loss.
 
     The query branch is ``encoder`` followed by a projection head; the key branch is a copy of both
     taken at construction, updated only as an exponential moving average (``momentum``) and never by
     gradient. Embeddings are L2-normalised. The loss is :class:`~salmask.HardNegativeInfoNCE` of the query
-    against its key, the :class:`~salmask.MomentumQueue` and the rho-weighted hard negatives, which the key
+    against its key, the :class:`~salmask.ssl.MomentumQueue` and the rho-weighted hard negatives, which the key
     encoder embeds without gradient and which never enter the queue.
 
     In training mode, ``forward`` first moves the key encoder towards the query encoder, then after the
@@ -146,7 +124,7 @@ class MoCo(nn.Module):
         >>> out.logits.shape  # positive, 64 queued keys, one hard negative per image
         torch.Size([4, 66])
         >>> out.loss.backward()
-        >>> int(model.queue.queue_ptr)
+        >>> int(model.queue.pointer)
         4
     """
 
@@ -155,28 +133,23 @@ class MoCo(nn.Module):
         encoder: nn.Module,
         *,
         feature_dim: int | None = None,
-        dim: int = 128,
+        dim: int = EMBEDDING_DIM,
         hidden_dim: int | None = None,
         projector: nn.Module | None = None,
-        queue_size: int = 65536,
-        momentum: float = 0.999,
-        temperature: float = 0.2,
-        hard_negative_weight: float = 2.0,
+        queue_size: int = QUEUE_SIZE,
+        momentum: float = KEY_ENCODER_MOMENTUM,
+        temperature: float = TEMPERATURE,
+        hard_negative_weight: float = HARD_NEGATIVE_WEIGHT,
         batch_norm: BatchNormMode = "shuffle",
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        feature_dim = feature_dim_of(encoder, feature_dim)
-        if batch_norm not in BATCH_NORM_MODES:
-            raise ValueError(f"batch_norm must be one of {BATCH_NORM_MODES}, got {batch_norm!r}")
-        if projector is not None and not isinstance(projector, nn.Module):
-            raise TypeError(f"projector must be an nn.Module or None, got {type(projector).__name__}")
+        self.feature_dim, projector = head_for(encoder, feature_dim, hidden_dim, dim, projector)
         self.momentum = momentum  # validated by the property setter
-        self.batch_norm = batch_norm
-        self.feature_dim = feature_dim
+        self.batch_norm = check_choice(batch_norm, "batch_norm", BATCH_NORM_MODES)
         self.dim = dim
         self.encoder = encoder
-        self.projector = projection_head(feature_dim, hidden_dim, dim) if projector is None else projector
+        self.projector = projector
         if batch_norm == "sync":
             self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
             self.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.projector)
@@ -194,9 +167,7 @@ class MoCo(nn.Module):
 
     @momentum.setter
     def momentum(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"momentum must be a number in [0, 1], got {value!r}")
-        self._momentum = float(value)
+        self._momentum = check_probability(value, "momentum")
 
     def extra_repr(self) -> str:
         return (
@@ -255,11 +226,7 @@ class MoCo(nn.Module):
             :class:`~salmask.InfoNCEOutput` ``(loss, logits, targets)``; ``(logits.argmax(1) ==
             targets)`` is the instance-discrimination accuracy.
         """
-        _check_views(query, key)
-        if hard_negatives is not None:
-            _check_hard_negatives(hard_negatives, query)
-        elif hard_negative_valid is not None:
-            raise ValueError("hard_negative_valid was given without hard_negatives")
+        check_step_views(query, key, hard_negatives, hard_negative_valid)
         if self.training:
             self.momentum_update()
         query_embedding = self.embed_query(query)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from salmask._defaults import EMBEDDING_DIM, HARD_NEGATIVE_WEIGHT, TEMPERATURE
+from salmask._validation import check_step_views
 from salmask.losses import InfoNCEOutput, NTXentLoss
-from salmask.ssl._encoders import feature_dim_of, projection_head
-from salmask.ssl._moco import _check_hard_negatives, _check_views
+from salmask.ssl._encoders import head_for
 
 __all__ = ["SimCLR"]
 
@@ -62,25 +63,23 @@ class SimCLR(nn.Module):
         encoder: nn.Module,
         *,
         feature_dim: int | None = None,
-        dim: int = 128,
+        dim: int = EMBEDDING_DIM,
         hidden_dim: int | None = None,
         projector: nn.Module | None = None,
-        temperature: float = 0.2,
-        hard_negative_weight: float = 2.0,
+        temperature: float = TEMPERATURE,
+        hard_negative_weight: float = HARD_NEGATIVE_WEIGHT,
         gather_distributed: bool = False,
         symmetric_hard_negatives: bool = False,
         hard_negative_grad: bool = False,
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        feature_dim = feature_dim_of(encoder, feature_dim)
-        if projector is not None and not isinstance(projector, nn.Module):
-            raise TypeError(f"projector must be an nn.Module or None, got {type(projector).__name__}")
-        self.feature_dim = feature_dim
+        self.feature_dim, projector = head_for(encoder, feature_dim, hidden_dim, dim, projector)
         self.dim = dim
         self.hard_negative_grad = bool(hard_negative_grad)
+        # Registered in this order (encoder, then head), which the optimizer's state in a checkpoint follows.
         self.encoder = encoder
-        self.projector = projection_head(feature_dim, hidden_dim, dim) if projector is None else projector
+        self.projector = projector
         self.criterion = NTXentLoss(
             temperature,
             hard_negative_weight,
@@ -115,11 +114,7 @@ class SimCLR(nn.Module):
             :class:`~salmask.InfoNCEOutput` ``(loss, logits, targets)``, rows the query anchors then the
             key anchors.
         """
-        _check_views(query, key)
-        if hard_negatives is not None:
-            _check_hard_negatives(hard_negatives, query)
-        elif hard_negative_valid is not None:
-            raise ValueError("hard_negative_valid was given without hard_negatives")
+        check_step_views(query, key, hard_negatives, hard_negative_valid)
         view_a, view_b = self.embed(torch.cat([query, key])).chunk(2)
         hard_embedding = None
         if hard_negatives is not None:

@@ -80,7 +80,7 @@ class ThreeViews:
             masking = MaskedViews(masking)
         if not isinstance(masking, MaskedViews):
             raise TypeError(f"masking must be a MaskedViews or a strategy name, got {type(masking).__name__}")
-        if masking.hard_negative_mask is None:
+        if not masking.make_hard_negatives:
             raise ValueError(
                 f"masking must make hard negatives (strategy 'high_pass', 'blur' or 'mean'), got {masking!r}; "
                 "TwoViews serves a two-view pipeline"

@@ -8,25 +8,45 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from salmask.functional import high_pass
+from salmask._defaults import (
+    HARD_NEGATIVE_MASK_RATIO,
+    HIGH_PASS_HARD_NEGATIVE_NOISE_STD,
+    HIGH_PASS_NOISE_STD,
+    MASK_RATIO,
+    PATCH_SIZE,
+    RELEASE_MASK_TYPE_PROBS,
+    SALIENCY_THRESHOLD,
+    SPATIAL_ONLY,
+)
+from salmask._validation import check_mask_ratio, check_mask_type_probs, check_saliency, check_views
+from salmask.functional import apply_mask, draw_mask_params, high_pass
+from salmask.functional._masking import check_fill
 from salmask.saliency import SCDA
-from salmask.transforms import HardNegativeMask, SaliencyMask
-from salmask.tv_tensors import Saliency
+from salmask.transforms import HighPassFilter
 
 __all__ = ["STRATEGIES", "MaskedViews", "MaskedViewsOutput", "TwoViews"]
 
-#: The masking strategies of :class:`MaskedViews`.
-STRATEGIES = ("high_pass", "blur", "mean", "mscn", "none")
 
-# Strategy -> (fill of the masking transforms, whether the query's masks follow saliency,
-# whether hard negatives are made by default).
-_STRATEGY_SETUP: dict[str, tuple[str | None, bool, bool]] = {
-    "high_pass": ("high_pass", True, True),
-    "blur": ("blur", True, True),
-    "mean": ("mean", True, True),
-    "mscn": ("high_pass", False, False),
-    "none": (None, False, False),
+class _Strategy(NamedTuple):
+    fill: str | None  # what masked pixels take; None: nothing is masked
+    filters_views: bool  # every view goes through the high-pass filter first
+    saliency_guided: bool  # the query's masks follow saliency
+    hard_negatives: bool  # made by default
+    fill_options: dict[str, Any]  # for the query
+    hard_negative_fill_options: dict[str, Any]
+    mask_type_probs: dict[str, float]
+
+
+_HIGH_PASS_NOISE = ({"std": HIGH_PASS_NOISE_STD}, {"std": HIGH_PASS_HARD_NEGATIVE_NOISE_STD})
+_STRATEGIES = {
+    "high_pass": _Strategy("noise", True, True, True, *_HIGH_PASS_NOISE, RELEASE_MASK_TYPE_PROBS),
+    "blur": _Strategy("blur", False, True, True, {}, {}, SPATIAL_ONLY),
+    "mean": _Strategy("mean", False, True, True, {}, {}, SPATIAL_ONLY),
+    "mscn": _Strategy("noise", True, False, False, *_HIGH_PASS_NOISE, RELEASE_MASK_TYPE_PROBS),
+    "none": _Strategy(None, False, False, False, {}, {}, SPATIAL_ONLY),
 }
+#: The masking strategies of :class:`MaskedViews`.
+STRATEGIES = tuple(_STRATEGIES)
 
 
 class MaskedViewsOutput(NamedTuple):
@@ -39,9 +59,9 @@ class MaskedViewsOutput(NamedTuple):
         hard_negatives: ``(B, C, H, W)`` key views with part of their foreground masked, or ``None``.
         hard_negative_valid: ``(B,)`` bool, ``False`` for images without foreground (their hard negative
             is the key itself and must be dropped from the loss), or ``None``.
-        query_params: the parameters drawn for the query masks (see
+        query_params: the random draws of the query masks (see
             :func:`salmask.functional.draw_mask_params`), or ``None`` when the query is not masked.
-        hard_negative_params: the parameters drawn for the hard negatives, or ``None``.
+        hard_negative_params: the random draws of the hard negatives, or ``None``.
     """
 
     query: Tensor
@@ -52,29 +72,6 @@ class MaskedViewsOutput(NamedTuple):
     hard_negative_params: dict[str, Tensor] | None
 
 
-def _check_view(view: Any, name: str) -> None:
-    if not isinstance(view, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(view).__name__}")
-    if view.ndim != 4:
-        raise ValueError(f"{name} must be a (B, C, H, W) batch, got shape {tuple(view.shape)}")
-    if not view.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor (a normalised view), got dtype {view.dtype}")
-
-
-def _as_saliency(saliency: Any, batch_size: int, name: str) -> Saliency | None:
-    if saliency is None:
-        return None
-    if not isinstance(saliency, Tensor):
-        raise TypeError(f"{name} must be a Saliency (or a bool/float tensor), got {type(saliency).__name__}")
-    if saliency.ndim not in (3, 4) or saliency.shape[0] != batch_size:
-        raise ValueError(
-            f"{name} must hold one map per image, shaped (B, h, w) or (B, 1, h, w) with B={batch_size}, "
-            f"got shape {tuple(saliency.shape)}"
-        )
-    # A collated batch of Saliency maps comes back from the DataLoader as a plain tensor.
-    return saliency if isinstance(saliency, Saliency) else Saliency(saliency)
-
-
 class MaskedViews(nn.Module):
     """Mask the two augmented views of a batch for one contrastive step, on the device.
 
@@ -82,7 +79,7 @@ class MaskedViews(nn.Module):
     and returns a :class:`MaskedViewsOutput`: the masked query, the key (never masked: masking only the
     query branch works best) and hard negatives, made by masking the key's foreground, with a per-image
     validity flag. Each image draws its own masks; there is no Python loop over images and no host
-    synchronisation.
+    synchronisation. The step calls the kernels of :mod:`salmask.functional` directly.
 
     ===============  ============================================  ===================  =================
     ``strategy``     query                                          key                  hard negatives
@@ -95,9 +92,10 @@ class MaskedViews(nn.Module):
     ``"none"``       as given (the plain MoCo / SimCLR baseline)    as given             none
     ===============  ============================================  ===================  =================
 
-    Under the high-pass recipe the whole view is filtered, so the key (and the hard negatives, which are
-    the key with noise in its foreground) are filtered too; an encoder trained this way is evaluated on
-    filtered inputs (:class:`~salmask.HighPassFilter`).
+    Under the high-pass recipe the filter is a view-wide step, applied once to the query and once to the
+    key before any fill: the hard negatives are the filtered key with noise in its foreground, so they
+    differ from the key only where they are masked. An encoder trained this way is evaluated on filtered
+    inputs: :attr:`input_filter` is the filter to record with its checkpoint.
 
     Saliency comes, in order of preference, from the ``query_saliency`` / ``key_saliency`` arguments
     (e.g. a saliency cache served by :class:`~salmask.data.SaliencyDataset` and moved through the same
@@ -109,21 +107,26 @@ class MaskedViews(nn.Module):
         scda: localization network computing saliency on the fly when none is passed to ``forward``.
         hard_negatives: make hard negatives; default ``True`` for the saliency-guided strategies, ``False``
             for ``"mscn"`` (which then needs saliency) and ``"none"`` (which cannot make them).
-        ratio: alpha, the fraction of the patch grid masked in the query, fixed or a ``(low, high)`` range
+        mask_ratio: alpha, the fraction of the patch grid masked in the query, fixed or a ``(low, high)`` range
             drawn per image.
-        hard_negative_ratio: beta, the fraction of the foreground masked in a hard negative.
+        hard_negative_mask_ratio: beta, the fraction of the foreground masked in a hard negative.
         patch_size: patch side in pixels (32 gives the paper's 7x7 grid at 224 px; scale it with the view,
             e.g. 8 for 64 px views).
         mask_type_probs: probabilities of ``"spatial"``, ``"channel"`` and ``"focal"`` masks for the query
-            (default: the release's per fill, see :class:`~salmask.SaliencyMask`).
+            (default: the release's mixture under the high-pass recipe, spatial only otherwise).
         hard_negative_mask_type_probs: the same for the hard negatives (default: as for the query).
-        fill_options: options of the query's fill (``noise_std``, ``kernel_size``, ``sigma``); the
-            high-pass ``kernel_size`` and ``sigma`` also filter the key.
+        fill_options: options of the query's fill (the noise's ``std`` under the high-pass recipe, the
+            blur's ``kernel_size`` and ``sigma``).
         hard_negative_fill_options: options of the hard negatives' fill (release high-pass noise: 0.14).
-            Under the high-pass recipe the hard negatives take the query's filter, so that they differ
-            from the filtered key only where they are masked.
+        input_filter: the high-pass filter of ``"high_pass"`` and ``"mscn"`` (default: the release's,
+            kernel 11 and sigma 5); the other strategies feed unfiltered views.
         saliency_threshold: mean saliency a patch needs to count as foreground.
         generator: source of randomness of every mask and noise draw; ``None`` uses torch's global one.
+
+    Attributes:
+        input_filter: the :class:`~salmask.HighPassFilter` every view goes through (``None`` for the
+            strategies that feed unfiltered views); record it with a checkpoint
+            (:func:`~salmask.ssl.record_input_filter`) for evaluation.
 
     Example:
         >>> import torch
@@ -145,27 +148,37 @@ class MaskedViews(nn.Module):
         *,
         scda: SCDA | None = None,
         hard_negatives: bool | None = None,
-        ratio: float | tuple[float, float] = (0.05, 0.25),
-        hard_negative_ratio: float | tuple[float, float] = (0.4, 0.7),
-        patch_size: int | tuple[int, int] = 32,
+        mask_ratio: float | tuple[float, float] = MASK_RATIO,
+        hard_negative_mask_ratio: float | tuple[float, float] = HARD_NEGATIVE_MASK_RATIO,
+        patch_size: int | tuple[int, int] = PATCH_SIZE,
         mask_type_probs: dict[str, float] | None = None,
         hard_negative_mask_type_probs: dict[str, float] | None = None,
         fill_options: dict[str, Any] | None = None,
         hard_negative_fill_options: dict[str, Any] | None = None,
-        saliency_threshold: float = 0.5,
+        input_filter: HighPassFilter | None = None,
+        saliency_threshold: float = SALIENCY_THRESHOLD,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if strategy not in _STRATEGY_SETUP:
+        if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if scda is not None and not isinstance(scda, SCDA):
             raise TypeError(f"scda must be a salmask SCDA module or None, got {type(scda).__name__}")
         if hard_negatives is not None and not isinstance(hard_negatives, bool):
             raise TypeError(f"hard_negatives must be a bool or None, got {type(hard_negatives).__name__}")
-        fill, self.saliency_guided, default_hard_negatives = _STRATEGY_SETUP[strategy]
+        if input_filter is not None and not isinstance(input_filter, HighPassFilter):
+            raise TypeError(f"input_filter must be a HighPassFilter or None, got {type(input_filter).__name__}")
+        setup = _STRATEGIES[strategy]
         self.strategy = strategy
-        self.make_hard_negatives = default_hard_negatives if hard_negatives is None else hard_negatives
-        if fill is None:
+        self.fill = setup.fill
+        self.saliency_guided = setup.saliency_guided
+        self.make_hard_negatives = setup.hard_negatives if hard_negatives is None else hard_negatives
+        if input_filter is not None and not setup.filters_views:
+            raise ValueError(
+                f"strategy {strategy!r} feeds unfiltered views; input_filter applies to high_pass and mscn"
+            )
+        self.input_filter = (input_filter or HighPassFilter()) if setup.filters_views else None
+        if self.fill is None:
             if self.make_hard_negatives:
                 raise ValueError(
                     "strategy 'none' masks nothing and cannot make hard negatives; pass hard_negatives=False"
@@ -178,52 +191,27 @@ class MaskedViews(nn.Module):
             ):
                 if value is not None:
                     raise ValueError(f"{name} has no effect with strategy 'none'; leave it unset")
+        else:
+            filter_options = {"kernel_size", "sigma"} & {*(fill_options or {}), *(hard_negative_fill_options or {})}
+            if setup.filters_views and filter_options:
+                raise ValueError(
+                    f"{sorted(filter_options)} set the high-pass filter of every view, not the noise fill: pass "
+                    "input_filter=HighPassFilter(kernel_size, sigma)"
+                )
+            self.fill_options = check_fill(self.fill, {**setup.fill_options, **(fill_options or {})})
+            self.hard_negative_fill_options = check_fill(
+                self.fill, {**setup.hard_negative_fill_options, **(hard_negative_fill_options or {})}
+            )
         self.scda = scda
         self.generator = generator
-        # check_values=False: the value checks cost a host synchronisation per call.
-        common: dict[str, Any] = {
-            "patch_size": patch_size,
-            "saliency_threshold": saliency_threshold,
-            "generator": generator,
-            "check_values": False,
-        }
-        self.query_mask: SaliencyMask | None = None
-        self.hard_negative_mask: HardNegativeMask | None = None
-        if fill is not None:
-            self.query_mask = SaliencyMask(
-                fill, ratio, mask_type_probs=mask_type_probs, fill_options=fill_options, **common
-            )
-            if self.make_hard_negatives:
-                hard_negative_fill_options = dict(hard_negative_fill_options or {})
-                if fill == "high_pass":
-                    hard_negative_fill_options = self._shared_filter(hard_negative_fill_options)
-                self.hard_negative_mask = HardNegativeMask(
-                    fill,
-                    hard_negative_ratio,
-                    mask_type_probs=hard_negative_mask_type_probs or mask_type_probs,
-                    fill_options=hard_negative_fill_options,
-                    **common,
-                )
-        self.filters_views = fill == "high_pass"
-
-    @property
-    def input_filter(self) -> dict[str, Any] | None:
-        """The filter every view went through, to record with a checkpoint for evaluation (see
-        :func:`~salmask.ssl.input_filter_of`); ``None`` when the strategy feeds unfiltered views."""
-        if not self.filters_views:
-            return None
-        options = self.query_mask.fill_options
-        return {"name": "high_pass", "kernel_size": options["kernel_size"], "sigma": options["sigma"]}
-
-    def _shared_filter(self, hard_negative_fill_options: dict[str, Any]) -> dict[str, Any]:
-        query_filter = {name: self.query_mask.fill_options[name] for name in ("kernel_size", "sigma")}
-        for name, value in query_filter.items():
-            if hard_negative_fill_options.setdefault(name, value) != value:
-                raise ValueError(
-                    f"hard_negative_fill_options[{name!r}] must equal the query's high-pass {name} ({value}): the key "
-                    "and its hard negatives are filtered alike; set it in fill_options instead"
-                )
-        return hard_negative_fill_options
+        self.mask_ratio = check_mask_ratio(mask_ratio)
+        self.hard_negative_mask_ratio = check_mask_ratio(hard_negative_mask_ratio, "hard_negative_mask_ratio")
+        self.patch_size = patch_size
+        self.mask_type_probs = check_mask_type_probs(mask_type_probs or setup.mask_type_probs)
+        self.hard_negative_mask_type_probs = check_mask_type_probs(
+            hard_negative_mask_type_probs or mask_type_probs or setup.mask_type_probs
+        )
+        self.saliency_threshold = saliency_threshold
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, hard_negatives={self.make_hard_negatives}"
@@ -234,8 +222,8 @@ class MaskedViews(nn.Module):
         return self.saliency_guided or self.make_hard_negatives
 
     def _saliency(
-        self, query: Tensor, key: Tensor, query_saliency: Saliency | None, key_saliency: Saliency | None
-    ) -> tuple[Saliency | None, Saliency | None]:
+        self, query: Tensor, key: Tensor, query_saliency: Tensor | None, key_saliency: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
         need_query = self.saliency_guided and query_saliency is None
         need_key = self.make_hard_negatives and key_saliency is None
         if not (need_query or need_key):
@@ -252,6 +240,11 @@ class MaskedViews(nn.Module):
         if need_query:
             return self.scda(query), key_saliency
         return query_saliency, self.scda(key)
+
+    def _filter(self, view: Tensor) -> Tensor:
+        if self.input_filter is None:
+            return view
+        return high_pass(view, self.input_filter.kernel_size, self.input_filter.sigma)
 
     def forward(
         self,
@@ -278,33 +271,49 @@ class MaskedViews(nn.Module):
             ValueError: views of different shapes, saliency of the wrong batch size, or saliency needed and
                 neither given nor computable.
         """
-        _check_view(query, "query")
-        _check_view(key, "key")
-        if query.shape != key.shape:
-            raise ValueError(f"query and key must share one shape, got {tuple(query.shape)} and {tuple(key.shape)}")
+        check_views(query, key)
         batch_size = query.shape[0]
-        query_saliency = _as_saliency(query_saliency, batch_size, "query_saliency")
-        key_saliency = _as_saliency(key_saliency, batch_size, "key_saliency")
-        if self.query_mask is None:
+        if query_saliency is not None:
+            query_saliency = check_saliency(query_saliency, "query_saliency", batch_size=batch_size)
+        if key_saliency is not None:
+            key_saliency = check_saliency(key_saliency, "key_saliency", batch_size=batch_size)
+        if self.fill is None:
             return MaskedViewsOutput(query, key, None, None, None, None)
 
         query_saliency, key_saliency = self._saliency(query, key, query_saliency, key_saliency)
-        if self.saliency_guided:
-            masked_query, _ = self.query_mask(query, query_saliency)
-        else:
-            masked_query = self.query_mask(query)
-        query_params = self.query_mask.last_params
-
+        common: dict[str, Any] = {"patch_size": self.patch_size, "generator": self.generator}
+        query_params = draw_mask_params(
+            query.shape,
+            query_saliency if self.saliency_guided else None,
+            mask_ratio=self.mask_ratio,
+            mask_type_probs=self.mask_type_probs,
+            saliency_threshold=self.saliency_threshold,
+            device=query.device,
+            **common,
+        )
+        # A filtered query is a tensor of this step's own, filled in place.
+        filtered_query = self._filter(query)
+        masked_query = apply_mask(
+            filtered_query, query_params, self.fill, inplace=filtered_query is not query, **common, **self.fill_options
+        )
+        key = self._filter(key)
         hard_negatives = hard_negative_valid = hard_negative_params = None
-        if self.hard_negative_mask is not None:
-            # Masked from the raw key: the high-pass fill filters the whole view itself, so outside the
-            # masked patches a hard negative equals the filtered key below.
-            hard_negatives, _ = self.hard_negative_mask(key, key_saliency)
-            hard_negative_params = self.hard_negative_mask.last_params
+        if self.make_hard_negatives:
+            hard_negative_params = draw_mask_params(
+                key.shape,
+                key_saliency,
+                mask_ratio=self.hard_negative_mask_ratio,
+                hard_negative=True,
+                mask_type_probs=self.hard_negative_mask_type_probs,
+                saliency_threshold=self.saliency_threshold,
+                device=key.device,
+                **common,
+            )
+            # From the key as the encoders see it: outside its masked patches a hard negative equals the key.
+            hard_negatives = apply_mask(
+                key, hard_negative_params, self.fill, hard_negative=True, **common, **self.hard_negative_fill_options
+            )
             hard_negative_valid = hard_negative_params["valid"]
-        if self.filters_views:
-            options = self.query_mask.fill_options
-            key = high_pass(key, options["kernel_size"], options["sigma"])
         return MaskedViewsOutput(
             masked_query, key, hard_negatives, hard_negative_valid, query_params, hard_negative_params
         )

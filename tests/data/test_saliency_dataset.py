@@ -106,7 +106,7 @@ def test_two_views_batched_through_a_dataloader_into_the_masking_transform(
     assert query_images.shape == (4, 3, 64, 64) and query_saliency.shape == (4, 64, 64)
     assert key[0].shape == (4, 3, 64, 64) and not torch.equal(key[0], query_images)
     assert targets.tolist() == [0, 0, 0, 0]
-    masked, _ = transforms.SaliencyMask("mean", ratio=0.25, patch_size=16)(
+    masked, _ = transforms.SaliencyMask("mean", mask_ratio=0.25, patch_size=16)(
         query_images, Saliency(query_saliency.as_subclass(torch.Tensor))
     )
     assert masked.shape == query_images.shape

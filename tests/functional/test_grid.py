@@ -88,8 +88,9 @@ def test_saliency_of_another_size_is_resampled(size):
     assert torch.equal(grid, expected)
 
 
-def test_saliency_must_be_batched_maps():
+def test_saliency_must_be_maps():
     with pytest.raises(ValueError, match="saliency must be shaped"):
-        saliency_to_patch_grid(torch.zeros(7, 7), (224, 224), 32)
+        saliency_to_patch_grid(torch.zeros(7), (224, 224), 32)
+    assert saliency_to_patch_grid(torch.ones(7, 7), (224, 224), 32).shape == (1, 7, 7)
     with pytest.raises(ValueError, match="saliency_threshold"):
         saliency_to_patch_grid(torch.zeros(1, 7, 7), (224, 224), 32, threshold=0.0)

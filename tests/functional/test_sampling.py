@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from salmask.functional import (
+    draw_focal_windows,
+    draw_mask_ratios,
     draw_mask_types,
-    draw_ratios,
     focal_window_mask,
     masked_patch_counts,
     sample_patch_mask,
@@ -125,7 +126,7 @@ def test_uniform_masking_without_saliency():
 
 def test_same_seed_same_masks():
     foreground = random_foreground(4, 49, seed=3)
-    ratios = draw_ratios((0.05, 0.25), 4, generator=torch.Generator().manual_seed(5))
+    ratios = draw_mask_ratios((0.05, 0.25), 4, generator=torch.Generator().manual_seed(5))
     first = sample_patch_mask(foreground, ratios, generator=torch.Generator().manual_seed(7))
     second = sample_patch_mask(foreground, ratios, generator=torch.Generator().manual_seed(7))
     assert torch.equal(first, second)
@@ -135,19 +136,19 @@ def test_same_seed_same_masks():
 @given(low=st.floats(0, 1), width=st.floats(0, 1), seed=st.integers(0, 2**31))
 def test_ratios_stay_in_their_range(low, width, seed):
     high = min(1.0, low + width)
-    ratios = draw_ratios((low, high), 32, generator=torch.Generator().manual_seed(seed))
+    ratios = draw_mask_ratios((low, high), 32, generator=torch.Generator().manual_seed(seed))
     assert ((ratios >= low) & (ratios <= high)).all()
 
 
 @pytest.mark.parametrize("ratio", [(-0.1, 0.2), (0.2, 1.5), float("nan"), 2.0])
 def test_ratio_outside_unit_interval_is_rejected(ratio):
     with pytest.raises(ValueError, match="ratio must lie in"):
-        draw_ratios(ratio, 2)
+        draw_mask_ratios(ratio, 2)
 
 
 def test_reversed_ratio_range_is_rejected():
     with pytest.raises(ValueError, match="reversed"):
-        draw_ratios((0.3, 0.1), 2)
+        draw_mask_ratios((0.3, 0.1), 2)
 
 
 def test_mask_types_follow_their_probabilities():
@@ -162,9 +163,8 @@ def test_mask_types_follow_their_probabilities():
 @pytest.mark.parametrize(("fraction", "keep"), [(200 / 224, True), (130 / 224, False)])
 @pytest.mark.parametrize("image_size", [(224, 224), (96, 128), (7, 9)])
 def test_focal_windows_scale_with_the_view_and_stay_inside_it(fraction, keep, image_size):
-    mask, window = focal_window_mask(
-        50, image_size, fraction, keep_window=keep, generator=torch.Generator().manual_seed(0)
-    )
+    window = draw_focal_windows(50, image_size, fraction, generator=torch.Generator().manual_seed(0))
+    mask = focal_window_mask(window, image_size, keep_window=keep)
     height, width = image_size
     window_area = round(height * fraction) * round(width * fraction)
     masked = mask.flatten(1).sum(1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 pytest.importorskip("lightly", reason="lightly is not installed (pip install 'salmask[lightly]')")
 
+from example_scripts import load_example
 from lightly.loss import NTXentLoss
 
 from salmask.functional import high_pass
@@ -20,10 +20,7 @@ BATCH, BANK = 8, 32
 
 
 def example():
-    spec = importlib.util.spec_from_file_location("salmask_example_lightly_moco", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("lightly_moco")
 
 
 @pytest.fixture

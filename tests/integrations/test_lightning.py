@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 L = pytest.importorskip("lightning", reason="lightning is not installed (pip install 'salmask[lightning]')")
+
+from example_scripts import load_example  # noqa: E402
 
 from salmask.ssl import MaskedViewsOutput  # noqa: E402
 
@@ -19,10 +20,7 @@ BATCH, QUEUE = 8, 32
 
 
 def example():
-    spec = importlib.util.spec_from_file_location("salmask_example_lightning_moco", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("lightning_moco")
 
 
 class Seen(L.Callback):
@@ -60,7 +58,7 @@ def test_training_steps_receive_views_masked_after_the_transfer():
         assert isinstance(views, MaskedViewsOutput)
         assert views.query.shape == views.key.shape == views.hard_negatives.shape == (BATCH, 3, 32, 32)
         assert views.hard_negative_valid.shape == (BATCH,) and not torch.equal(views.query, views.key)
-    assert int(module.model.queue.queue_ptr) == 2 * BATCH
+    assert int(module.model.queue.pointer) == 2 * BATCH
     assert torch.isfinite(trainer.callback_metrics["loss"])
     assert not torch.equal(module.model.encoder.conv1.weight, before), "the optimizer stepped"
 

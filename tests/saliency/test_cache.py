@@ -19,7 +19,7 @@ from salmask.saliency import (
     scda_foreground,
 )
 from salmask.saliency._cache import quantize_activation
-from salmask.saliency.cache import main
+from salmask.saliency.build_cache import main
 
 GRID = 8
 
@@ -155,7 +155,7 @@ def test_validation_on_load(image_folder: Path, tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a cache")
     with pytest.raises(SaliencyCacheError, match="not a readable"):
         load_saliency_cache(tmp_path / "junk.pt")
-    with pytest.raises(FileNotFoundError, match=r"python -m salmask\.saliency\.cache"):
+    with pytest.raises(FileNotFoundError, match=r"python -m salmask\.saliency\.build_cache"):
         load_saliency_cache(tmp_path / "absent.pt")
 
 

@@ -78,8 +78,8 @@ def main() -> None:
     out = model(local["query"], local["key"], local["hard"])
     out.loss.backward()
     results["logits"] = out.logits.detach()
-    results["queue"] = model.queue.queue.clone()
-    results["queue_ptr"] = model.queue.queue_ptr.clone()
+    results["queue"] = model.queue.keys.clone()
+    results["queue_ptr"] = model.queue.pointer.clone()
 
     torch.save(results, output_dir / f"rank{rank}.pt")
     dist.barrier()

@@ -88,16 +88,16 @@ def test_training_step_updates_key_encoder_then_enqueues_keys_only():
     expected_key_params = [
         0.9 * k + 0.1 * q for k, q in zip(key_side_params(model), query_side_params(model), strict=True)
     ]
-    initial_queue = model.queue.queue.clone()
+    initial_queue = model.queue.keys.clone()
     out = model(query, key, hard)
     for expected, actual in zip(expected_key_params, key_side_params(model), strict=True):
         torch.testing.assert_close(actual, expected)
     keys = model.embed_key(key)
-    assert int(model.queue.queue_ptr) == BATCH  # B keys, no hard negative
-    torch.testing.assert_close(model.queue.queue[:, :BATCH], keys.t())
-    assert torch.equal(model.queue.queue[:, BATCH:], initial_queue[:, BATCH:])
+    assert int(model.queue.pointer) == BATCH  # B keys, no hard negative
+    torch.testing.assert_close(model.queue.keys[:, :BATCH], keys.t())
+    assert torch.equal(model.queue.keys[:, BATCH:], initial_queue[:, BATCH:])
     hard_keys = model.embed_key(hard)
-    assert not torch.isclose(model.queue.queue.t()[:, None], hard_keys[None]).all(-1).any()
+    assert not torch.isclose(model.queue.keys.t()[:, None], hard_keys[None]).all(-1).any()
     assert torch.isfinite(out.loss)
 
 
@@ -118,7 +118,7 @@ def test_logits_are_the_loss_module_on_the_embeddings():
     model = tiny_moco().train()
     query, key, hard = batch()
     valid = torch.tensor([True, False, True, True])
-    queue_before = model.queue.queue.clone()
+    queue_before = model.queue.keys.clone()
     out = model(query, key, hard, valid)
     # After the step the key encoder is fixed, and train-mode BN gives the same embeddings again.
     expected = HardNegativeInfoNCE(0.2, 2.0)(
@@ -148,7 +148,7 @@ def test_several_hard_negatives_per_image():
     query, key, hard = batch(num_hard=3)
     out = model(query, key, hard, torch.ones(BATCH, 3, dtype=torch.bool))
     assert out.logits.shape == (BATCH, 1 + QUEUE + 3)
-    assert int(model.queue.queue_ptr) == BATCH
+    assert int(model.queue.pointer) == BATCH
 
 
 def test_without_hard_negatives_it_is_moco_v2():
@@ -186,7 +186,7 @@ def test_state_dict_round_trip_resumes_exactly():
         optimizer.step()
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-    assert {"queue.queue", "queue.queue_ptr", "momentum_encoder.0.weight", "momentum_encoder.1.running_mean"} <= set(
+    assert {"queue.keys", "queue.pointer", "momentum_encoder.0.weight", "momentum_encoder.1.running_mean"} <= set(
         model.state_dict()
     )
 

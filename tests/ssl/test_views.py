@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
 
-from salmask import SCDA, Saliency
-from salmask.functional import expand_patch_mask, high_pass
+from salmask import SCDA, HighPassFilter, Saliency
+from salmask.functional import expand_patch_mask, high_pass, render_mask
 from salmask.ssl import STRATEGIES, MaskedViews, MaskedViewsOutput, TwoViews
 
 SIZE, PATCH, BATCH = 32, 8, 4  # a 4 x 4 patch grid
@@ -31,6 +33,10 @@ def object_saliency(empty: tuple[int, ...] = ()) -> Saliency:
 
 def masker(strategy: str, **kwargs) -> MaskedViews:
     return MaskedViews(strategy, patch_size=PATCH, generator=torch.Generator().manual_seed(1), **kwargs)
+
+
+def pixels(params: dict, hard_negative: bool = False) -> torch.Tensor:
+    return render_mask(params, (SIZE, SIZE), PATCH, hard_negative=hard_negative)
 
 
 def expected_key(strategy: str, key: torch.Tensor) -> torch.Tensor:
@@ -74,8 +80,8 @@ def test_none_returns_the_given_tensors_untouched():
 def test_query_changes_only_where_its_mask_says(strategy):
     query, key = views()
     saliency = object_saliency()
-    out = masker(strategy, ratio=0.25)(query, key, saliency, saliency)
-    mask = out.query_params["mask"].expand_as(query)
+    out = masker(strategy, mask_ratio=0.25)(query, key, saliency, saliency)
+    mask = pixels(out.query_params).expand_as(query)
     assert torch.equal(out.query[~mask], query[~mask])
     assert (out.query[mask] != query[mask]).all()
     # 4 of 16 patches per image: alpha * N with the foreground share (4 of 16) split as the saliency says.
@@ -88,7 +94,7 @@ def test_high_pass_query_is_the_filtered_view_outside_its_mask():
     query, key = views()
     saliency = object_saliency()
     out = masker("high_pass")(query, key, saliency, saliency)
-    mask = out.query_params["mask"].expand_as(query)
+    mask = pixels(out.query_params).expand_as(query)
     filtered = high_pass(query)
     assert torch.equal(out.query[~mask], filtered[~mask])
     assert mask.any()
@@ -104,7 +110,7 @@ def test_hard_negatives_differ_from_the_key_only_in_foreground_patches(strategy,
     foreground_pixels = expand_patch_mask(saliency, (SIZE, SIZE), PATCH)[:, None].expand_as(key)
     changed = out.hard_negatives != out.key
     assert not (changed & ~foreground_pixels).any()
-    assert torch.equal(changed, params["mask"].expand_as(key))
+    assert torch.equal(changed, pixels(params, hard_negative=True).expand_as(key))
     # beta in [0.4, 0.7] of 4 foreground patches: 2 or 3 masked patches per image (per channel).
     masked_patches = params["patch_mask"].flatten(2).sum(2)
     assert ((masked_patches >= 2) & (masked_patches <= 3)).all()
@@ -117,7 +123,7 @@ def test_release_mixture_hard_negatives_differ_from_the_key_only_inside_their_ma
     query, key = views()
     saliency = object_saliency()
     out = masker("high_pass")(query, key, saliency, saliency)
-    mask = out.hard_negative_params["mask"].expand_as(key)
+    mask = pixels(out.hard_negative_params, hard_negative=True).expand_as(key)
     assert torch.equal(out.hard_negatives[~mask], out.key[~mask])
     assert (out.hard_negatives[mask] != out.key[mask]).all()
 
@@ -144,14 +150,14 @@ def test_hard_negatives_follow_the_key_saliency_and_the_query_its_own():
 def test_each_image_draws_its_own_masks():
     query, key = views()
     saliency = object_saliency()
-    out = masker("mean", ratio=0.5, hard_negative_mask_type_probs={"spatial": 1.0})(query, key, saliency, saliency)
+    out = masker("mean", mask_ratio=0.5, hard_negative_mask_type_probs={"spatial": 1.0})(query, key, saliency, saliency)
     patches = out.query_params["patch_mask"][:, 0].flatten(1)
     assert len({tuple(row.tolist()) for row in patches}) > 1
 
 
 def test_mscn_masks_uniformly_without_saliency_and_makes_no_hard_negatives():
     query, key = views()
-    out = masker("mscn", mask_type_probs={"spatial": 1.0}, ratio=0.5)(query, key)
+    out = masker("mscn", mask_type_probs={"spatial": 1.0}, mask_ratio=0.5)(query, key)
     assert out.query_params["foreground"].all()
     assert out.query_params["patch_mask"].flatten(1).sum(1).tolist() == [8] * BATCH
     assert out.hard_negatives is None
@@ -230,21 +236,26 @@ def test_a_seeded_generator_makes_the_step_reproducible(strategy):
         assert torch.equal(first.hard_negatives, second.hard_negatives)
 
 
-def test_fill_options_reach_the_fills():
+def test_fill_options_and_the_filter_reach_the_kernels():
     query, key = views()
     saliency = object_saliency()
     out = masker(
         "high_pass",
-        fill_options={"kernel_size": 5, "sigma": 1.0},
-        hard_negative_fill_options={"noise_std": 0.0},
+        input_filter=HighPassFilter(5, 1.0),
+        hard_negative_fill_options={"std": 0.0},
         hard_negative_mask_type_probs={"spatial": 1.0},
     )(query, key, saliency, saliency)
     torch.testing.assert_close(out.key, high_pass(key, 5, 1.0), rtol=0, atol=0)
-    mask = out.hard_negative_params["mask"].expand_as(key)
+    mask = pixels(out.hard_negative_params, hard_negative=True).expand_as(key)
     assert (out.hard_negatives[mask] == 0).all()
     assert torch.equal(out.hard_negatives[~mask], out.key[~mask])
-    with pytest.raises(ValueError, match=r"hard_negative_fill_options\['sigma'\] must equal"):
+    # The filter is one view-wide step, not an option of the fill.
+    with pytest.raises(ValueError, match=r"\['sigma'\] set the high-pass filter .* input_filter=HighPassFilter"):
         MaskedViews("high_pass", hard_negative_fill_options={"sigma": 2.0})
+    with pytest.raises(ValueError, match=r"fill_options \['value'\] do not apply to fill 'noise'"):
+        MaskedViews("high_pass", fill_options={"value": 2.0})
+    with pytest.raises(ValueError, match="feeds unfiltered views"):
+        MaskedViews("blur", input_filter=HighPassFilter())
 
 
 def test_bad_arguments_name_what_is_wrong():
@@ -272,7 +283,7 @@ def test_bad_arguments_name_what_is_wrong():
         views_(query[0], key)
     with pytest.raises(ValueError, match="share one shape"):
         views_(query, key[:2])
-    with pytest.raises(ValueError, match="key_saliency must hold one map per image"):
+    with pytest.raises(ValueError, match="key_saliency holds 2 maps but the images are a batch of 4"):
         views_(query, key, object_saliency(), object_saliency()[:2])
     with pytest.raises(TypeError, match="query_saliency must be a Saliency"):
         views_(query, key, [[True]], object_saliency())
@@ -295,14 +306,12 @@ def test_no_host_synchronisation_on_cuda(strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_input_filter_records_the_filter_only_for_strategies_that_filter_views(strategy):
-    masker = MaskedViews(
-        strategy,
-        patch_size=8,
-        fill_options={"kernel_size": 7, "sigma": 2.0} if strategy in ("high_pass", "mscn") else None,
-    )
-    if strategy in ("high_pass", "mscn"):
-        assert masker.input_filter == {"name": "high_pass", "kernel_size": 7, "sigma": 2.0}
+def test_input_filter_is_the_filter_only_for_strategies_that_filter_views(strategy):
+    filters = strategy in FILTERING_STRATEGIES
+    masker = MaskedViews(strategy, patch_size=8, input_filter=HighPassFilter(7, 2.0) if filters else None)
+    if filters:
+        assert (masker.input_filter.kernel_size, masker.input_filter.sigma) == (7, 2.0)
+        assert isinstance(MaskedViews(strategy).input_filter, HighPassFilter)
     else:
         assert masker.input_filter is None
 
@@ -322,3 +331,31 @@ def test_two_views_draws_each_view_afresh_and_moves_saliency_with_its_image():
     assert len(two(image)) == 2
     with pytest.raises(TypeError, match="pipeline"):
         TwoViews(None)
+
+
+@pytest.mark.parametrize(("strategy", "blurs"), [("high_pass", 2), ("mscn", 2), ("blur", 2), ("mean", 0), ("none", 0)])
+def test_a_step_blurs_each_view_once_at_most(strategy, blurs):
+    # The high-pass filter is a view-wide step: once on the query, once on the key, which the hard negatives
+    # are made from. The strong blur fills each view it masks from one blurred copy.
+    import salmask.functional._fill as fill_module
+    import salmask.functional._filters as filters_module
+
+    query, key = views()
+    saliency = object_saliency()
+    blur = filters_module.gaussian_blur
+    with (
+        mock.patch.object(filters_module, "gaussian_blur", wraps=blur) as in_filter,
+        mock.patch.object(fill_module, "gaussian_blur", wraps=blur) as in_fill,
+    ):
+        masker(strategy)(query, key, saliency, saliency)
+    assert in_filter.call_count + in_fill.call_count == blurs
+
+
+@pytest.mark.slow
+def test_a_high_pass_step_compiles_as_one_graph():
+    torch._dynamo.reset()
+    query, key = views()
+    saliency = object_saliency().as_subclass(torch.Tensor)
+    out = torch.compile(MaskedViews("high_pass", patch_size=PATCH), fullgraph=True)(query, key, saliency, saliency)
+    assert out.query.shape == query.shape and torch.isfinite(out.hard_negatives).all()
+    torch.testing.assert_close(out.key, high_pass(key), rtol=1e-5, atol=1e-5)

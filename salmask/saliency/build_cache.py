@@ -2,7 +2,7 @@
 
 Example::
 
-    python -m salmask.saliency.cache --root data/imagenet100/train --out imagenet100-saliency.pt \\
+    python -m salmask.saliency.build_cache --root data/imagenet100/train --out imagenet100-saliency.pt \\
         --backbone efficientnet_lite0 --device cuda --batch-size 128 --num-workers 8
 
 Re-running the same command after an interruption continues where it stopped.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from salmask._defaults import SCDA_THRESHOLD_STD
 from salmask.saliency._backbones import BACKBONES, build_scda
 from salmask.saliency._cache import build_saliency_cache
 
@@ -21,7 +22,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m salmask.saliency.cache",
+        prog="python -m salmask.saliency.build_cache",
         description="Compute the SCDA saliency of every image of an ImageFolder once, into one cache file.",
     )
     parser.add_argument("--root", required=True, help="ImageFolder root (root/<class>/<image>)")
@@ -36,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         default="imagenet",
         help="'imagenet' (default), 'none' for random weights, or a path to a state dict file",
     )
-    parser.add_argument("--threshold-std", type=float, default=0.6, help="k in mean - k*std (default 0.6)")
+    parser.add_argument(
+        "--threshold-std",
+        type=float,
+        default=SCDA_THRESHOLD_STD,
+        help=f"k in mean - k*std (default {SCDA_THRESHOLD_STD})",
+    )
     parser.add_argument("--largest-component", action="store_true", help="keep the largest component only")
     parser.add_argument("--image-size", type=int, default=448, help="side each image is resized to (default 448)")
     parser.add_argument("--batch-size", type=int, default=32)
