@@ -1,9 +1,14 @@
-"""Saliency cache: each dataset image's SCDA activation map, computed once, stored in one small file."""
+"""Saliency cache: each dataset image's SCDA activation map, computed once, stored in one small file.
+
+The file is written like a checkpoint (atomically, mode 0600, with a digest of its content that loading
+verifies), so a byte changed on disk never serves a different map.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from salmask._storage import load_verified, save_verified
 from salmask._validation import check_int, check_real
 from salmask.saliency._scda import SCDA, scda_foreground
 from salmask.tv_tensors import Saliency
@@ -26,8 +32,9 @@ __all__ = [
 ]
 
 CACHE_FORMAT = "salmask.saliency-cache"
-#: Version of the cache file layout; files of another version are refused on load.
-CACHE_FORMAT_VERSION = 1
+#: Version of the cache file layout: 2 stores a digest of the content (version 1 files load unverified);
+#: files of a newer version are refused on load.
+CACHE_FORMAT_VERSION = 2
 
 _HEADER_KEYS = (
     "format",
@@ -104,9 +111,26 @@ class SaliencyCache:
         """``(U, V)`` size of the stored maps."""
         return tuple(self.activation.shape[1:])  # type: ignore[return-value]
 
+    def _checked_index(self, index: int | Tensor) -> int | Tensor:
+        # Entries are dataset indices: a negative one is a mistake here, not "from the end".
+        if isinstance(index, Tensor) and not index.is_floating_point() and index.dtype != torch.bool:
+            low, high = (int(index.min()), int(index.max())) if index.numel() else (0, 0)
+        elif isinstance(index, int) and not isinstance(index, bool):
+            low = high = index
+        else:
+            raise TypeError(f"index must be an int or an integer tensor, got {type(index).__name__}")
+        if low < 0 or high >= len(self):
+            bad = low if low < 0 else high
+            raise IndexError(f"index {bad} is outside the saliency cache's entries 0..{len(self) - 1}")
+        return index
+
     def activation_map(self, index: int | Tensor) -> Tensor:
-        """Stored activation map(s) as floats in ``[0, 1]``: ``(U, V)`` for an int, ``(B, U, V)`` else."""
-        return self.activation[index].float() / 255
+        """Stored activation map(s) as floats in ``[0, 1]``: ``(U, V)`` for an int, ``(B, U, V)`` else.
+
+        Raises:
+            IndexError: an entry outside ``0 .. len(cache) - 1``.
+        """
+        return self.activation[self._checked_index(index)].float() / 255
 
     def foreground(
         self,
@@ -142,7 +166,7 @@ class SaliencyCache:
         """
         if len(size) != 2 or not all(int(s) > 0 for s in size):
             raise ValueError(f"size must be a pair (H, W) of positive ints, got {size!r}")
-        if not bool(self.done[index]):
+        if not bool(self.done[self._checked_index(index)]):
             raise SaliencyCacheError(f"entry {index} of the saliency cache has not been computed yet")
         foreground = self.foreground(index, threshold_std, largest_component)
         height, width = int(size[0]), int(size[1])
@@ -155,12 +179,10 @@ class SaliencyCache:
         return {**self.header, "paths": list(self.paths), "activation": self.activation, "done": self.done}
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temporary file next to ``path``, then a rename, so a crash never leaves a
-        half-written cache."""
-        path = Path(path)
-        temporary = path.with_name(path.name + ".partial")
-        torch.save(self.state(), temporary)
-        os.replace(temporary, path)
+        """Write atomically with a digest of the content, as a checkpoint is written: a temporary file next
+        to ``path``, then a rename, so a crash never leaves a half-written cache; mode 0600."""
+        self.header["version"] = CACHE_FORMAT_VERSION  # a resumed build of an older cache is rewritten as current
+        save_verified(self.state(), path, what="saliency cache")
 
 
 def _fail(path: Path, message: str) -> SaliencyCacheError:
@@ -177,8 +199,12 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
     Returns:
         The :class:`SaliencyCache`.
 
+    The content is checked against the digest stored with it (one reading pass over the maps). A cache
+    written before digests were stored (layout version 1) loads with a warning.
+
     Raises:
-        SaliencyCacheError: wrong format or version, inconsistent shapes or dtypes, or an incomplete cache.
+        SaliencyCacheError: unreadable or corrupt (its content does not match its digest), wrong format or
+            version, inconsistent shapes or dtypes, or an incomplete cache.
     """
     path = Path(path)
     if not path.is_file():
@@ -186,14 +212,22 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
             f"saliency cache {str(path)!r} does not exist; build it with "
             "`python -m salmask.saliency.build_cache --root <ImageFolder> --out <file>`"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise _fail(path, f"not a readable cache file ({type(error).__name__}: {error})") from error
+    state, verified = load_verified(path, what="saliency cache", error=SaliencyCacheError, mmap=True)
     if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
         raise _fail(path, f"not a salmask saliency cache (expected format {CACHE_FORMAT!r})")
-    if state.get("version") != CACHE_FORMAT_VERSION:
-        raise _fail(path, f"format version {state.get('version')!r}, this salmask reads {CACHE_FORMAT_VERSION}")
+    version = state.get("version")
+    if version not in range(1, CACHE_FORMAT_VERSION + 1):
+        raise _fail(path, f"format version {version!r}, this salmask reads versions 1 to {CACHE_FORMAT_VERSION}")
+    if version >= 2 and not verified:
+        raise _fail(path, f"lacks the digest of its content that version {version} stores; it is corrupt or altered")
+    if not verified:
+        # A rebuild takes hours on ImageNet-100; an old cache stays usable, with a warning.
+        warnings.warn(
+            f"saliency cache {path} was written before caches stored a digest of their content (no digest): it "
+            "loads unverified; rebuild it, or resume a build into it, to add one",
+            UserWarning,
+            stacklevel=2,
+        )
     missing = [key for key in (*_HEADER_KEYS, "paths", "activation", "done") if key not in state]
     if missing:
         raise _fail(path, f"missing fields {missing}")

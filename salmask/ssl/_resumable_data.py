@@ -16,9 +16,9 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from salmask._storage import first_line
 from salmask._validation import check_choice, check_int
 from salmask.distributed import get_rank, get_world_size
-from salmask.ssl._checkpoint import first_line
 
 __all__ = ["BAD_IMAGE_POLICIES", "BadImageError", "ResumableSampler", "SeededDataset"]
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from file_faults import flip_positions, same_content
+
 from salmask import Saliency
+from salmask._storage import save_verified
 from salmask.saliency import (
     CACHE_FORMAT_VERSION,
     SCDA,
@@ -132,10 +136,12 @@ def test_validation_on_load(image_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "saliency.pt"
     build(image_folder, out)
     state = torch.load(out, weights_only=True)
+    del state["digest"]
 
     def broken(**changes) -> Path:
+        # Well-formed files (their digest matches) with a bad layout.
         path = tmp_path / f"broken_{'_'.join(changes)}.pt"
-        torch.save({**state, **changes}, path)
+        save_verified({**state, **changes}, path, what="saliency cache")
         return path
 
     cases = {
@@ -149,11 +155,11 @@ def test_validation_on_load(image_folder: Path, tmp_path: Path) -> None:
         with pytest.raises(SaliencyCacheError, match=message):
             load_saliency_cache(path)
     del state["done"]
-    torch.save(state, tmp_path / "no_done.pt")
+    save_verified(state, tmp_path / "no_done.pt", what="saliency cache")
     with pytest.raises(SaliencyCacheError, match="missing fields"):
         load_saliency_cache(tmp_path / "no_done.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a cache")
-    with pytest.raises(SaliencyCacheError, match="not a readable"):
+    with pytest.raises(SaliencyCacheError, match=r"junk\.pt cannot be read; it is corrupt"):
         load_saliency_cache(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match=r"python -m salmask\.saliency\.build_cache"):
         load_saliency_cache(tmp_path / "absent.pt")
@@ -190,3 +196,57 @@ def test_command_line(image_folder: Path, tmp_path: Path, capsys) -> None:
     cache = load_saliency_cache(out)
     assert cache.grid == (2, 2) and cache.header["backbone"] == "resnet18" and cache.header["threshold_std"] == 0.6
     assert "wrote" in capsys.readouterr().out
+
+
+def test_one_flipped_byte_fails_to_load_or_loads_the_same_cache(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "saliency.pt"
+    build(image_folder, out)
+    original = load_saliency_cache(out)
+    data = out.read_bytes()
+    different = []
+    positions = flip_positions(out, 160)
+    for position in positions:
+        damaged = tmp_path / "damaged.pt"
+        damaged.write_bytes(data[:position] + bytes([data[position] ^ 0x04]) + data[position + 1 :])
+        try:
+            cache = load_saliency_cache(damaged)
+        except SaliencyCacheError as error:
+            assert "damaged.pt" in str(error)
+            continue
+        if not same_content(cache.state(), original.state()):
+            different.append(position)
+    assert not different, f"{len(different)} of {len(positions)} flipped bytes loaded as a different cache"
+
+
+def test_a_cache_written_before_digests_loads_with_a_warning(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "saliency.pt"
+    build(image_folder, out)
+    state = torch.load(out, weights_only=True)
+    del state["digest"]
+    torch.save({**state, "version": 1}, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match=r"old\.pt .*no digest"):
+        assert len(load_saliency_cache(tmp_path / "old.pt")) == 6
+    torch.save(state, tmp_path / "stripped.pt")
+    with pytest.raises(SaliencyCacheError, match="lacks the digest"):
+        load_saliency_cache(tmp_path / "stripped.pt")
+
+
+def test_the_cache_file_is_private_whatever_the_umask(image_folder: Path, tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        build(image_folder, tmp_path / "saliency.pt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "saliency.pt").stat().st_mode & 0o777 == 0o600
+    assert [path.name for path in tmp_path.iterdir() if path.is_file()] == ["saliency.pt"]
+
+
+def test_entries_outside_the_cache_are_named(image_folder: Path, tmp_path: Path) -> None:
+    cache = build(image_folder, tmp_path / "saliency.pt")
+    for index in (-1, 6, torch.tensor([0, 6]), torch.tensor([-1])):
+        with pytest.raises(IndexError, match=r"index .* outside the saliency cache's entries 0\.\.5"):
+            cache.saliency(index, (48, 64)) if isinstance(index, int) else cache.foreground(index)
+    with pytest.raises(IndexError, match="outside"):
+        cache.activation_map(-1)
+    with pytest.raises(TypeError, match="index must be an int or an integer tensor"):
+        cache.foreground(1.5)
