@@ -519,7 +519,8 @@ def test_knn_predict_matches_a_direct_computation():
         expected = torch.zeros(4)
         for index in nearest:
             expected[labels[index]] += torch.exp(similarity[index] / 0.1)
-        torch.testing.assert_close(scores[row], expected)
+        # Relative to the nearest neighbour's weight, which leaves the ranking of the classes as it is.
+        torch.testing.assert_close(scores[row], expected / torch.exp(similarity.max() / 0.1))
     torch.testing.assert_close(knn_predict(queries, bank, labels, 4, k=10, chunk_size=1000), scores)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from salmask._validation import check_int, check_positive
+from salmask._validation import check_int, check_positive, check_tensor
 from salmask.distributed import all_gather, get_world_size
 
 __all__ = ["extract_features", "knn_predict", "knn_top1"]
@@ -126,20 +126,29 @@ def knn_predict(
 
     The rule of InstDisc (Wu et al., 2018), used as MoCo's monitor: cosine similarity between unit
     features, the ``k`` nearest neighbours, each weighted by ``exp(similarity / temperature)``, scores
-    summed per class. Queries are processed ``chunk_size`` at a time, so memory stays at
+    summed per class. Each query's weights are divided by the weight of its nearest neighbour,
+    ``exp(max similarity / T)``, which leaves its ranking of the classes as it is but keeps every weight
+    in ``[0, 1]``: the scores never overflow, whatever ``T > 0`` (at ``T = 0.01`` the plain weights
+    overflow float32 and every class would tie at infinity). As ``T`` goes to 0 the vote becomes the
+    class of the nearest neighbour. Queries are processed ``chunk_size`` at a time, so memory stays at
     ``chunk_size x len(bank)`` similarities whatever the number of queries.
 
     Args:
         features: ``(N, D)`` L2-normalised query features.
         bank_features: ``(M, D)`` L2-normalised features of the labelled bank (the training set).
-        bank_labels: ``(M,)`` labels in ``[0, num_classes)``.
+        bank_labels: ``(M,)`` integer labels in ``[0, num_classes)``.
         num_classes: number of classes.
         k: neighbours per query (200); capped at ``M``.
-        temperature: T of the weights (0.1).
+        temperature: T of the weights (0.1), any positive number.
         chunk_size: queries per block.
 
     Returns:
-        ``(N, num_classes)`` class scores; ``argmax(1)`` is the prediction.
+        ``(N, num_classes)`` class scores, relative to each query's nearest neighbour (its best class
+        scores at least 1); ``argmax(1)`` is the prediction.
+
+    Raises:
+        TypeError: a tensor argument is not a tensor of the right dtype, or a number of the wrong type.
+        ValueError: mismatched shapes, an empty bank, or labels outside ``[0, num_classes)``.
 
     Example:
         >>> import torch
@@ -148,11 +157,16 @@ def knn_predict(
         >>> knn_predict(torch.eye(3), bank, torch.tensor([0, 1, 1]), 2, k=1).argmax(1).tolist()
         [0, 1, 1]
     """
-    if features.ndim != 2 or bank_features.ndim != 2 or features.shape[1] != bank_features.shape[1]:
+    check_tensor(features, "features", ndim=2, floating=True)
+    check_tensor(bank_features, "bank_features", ndim=2, floating=True)
+    if features.shape[1] != bank_features.shape[1]:
         raise ValueError(
             f"features and bank_features must be (N, D) and (M, D), got {tuple(features.shape)} and "
             f"{tuple(bank_features.shape)}"
         )
+    check_tensor(bank_labels, "bank_labels")
+    if bank_labels.is_floating_point() or bank_labels.is_complex() or bank_labels.dtype == torch.bool:
+        raise TypeError(f"bank_labels must be an integer tensor, got dtype {bank_labels.dtype}")
     if bank_labels.shape != bank_features.shape[:1]:
         raise ValueError(f"bank_labels must be ({bank_features.shape[0]},), got {tuple(bank_labels.shape)}")
     for name, value in (("num_classes", num_classes), ("k", k), ("chunk_size", chunk_size)):
@@ -160,13 +174,22 @@ def knn_predict(
     check_positive(temperature, "temperature")
     if bank_features.shape[0] == 0:
         raise ValueError("the feature bank is empty")
+    low, high = int(bank_labels.min()), int(bank_labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"bank_labels must lie in [0, {num_classes}), got values from {low} to {high}; pass the number of "
+            "classes of the bank's dataset"
+        )
     k = min(k, bank_features.shape[0])
     bank_labels = bank_labels.to(features.device).long()
     scores = []
     for chunk in features.split(chunk_size):
         similarity = chunk @ bank_features.t()
         top_similarity, top_index = similarity.topk(k, dim=1)
-        weights = (top_similarity / temperature).exp()
+        # In float64, where any positive temperature is representable (a float32 T could round to 0): the
+        # nearest neighbour's weight is exactly 1, the others in [0, 1].
+        below_nearest = top_similarity.double() - top_similarity[:, :1].double()
+        weights = (below_nearest / temperature).exp().to(similarity.dtype)
         votes = torch.zeros(chunk.shape[0], num_classes, device=features.device, dtype=weights.dtype)
         votes.scatter_add_(1, bank_labels[top_index], weights)
         scores.append(votes)
