@@ -6,10 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from file_faults import flip_positions, same_content
 from PIL import Image
 from torch import nn
-
-from file_faults import flip_positions, same_content
 
 from salmask import Saliency
 from salmask._storage import save_verified
