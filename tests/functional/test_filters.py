@@ -56,3 +56,35 @@ def test_high_pass_removes_the_mean_and_keeps_edges():
 def test_high_pass_needs_a_float_image():
     with pytest.raises(TypeError, match="float"):
         high_pass(torch.zeros(3, 16, 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(("kernel_size", "sigma"), [(5, 1.0), (11, 5.0)])
+def test_a_non_finite_pixel_spreads_as_far_as_the_kernel_reaches_as_in_torchvision(bad, kernel_size, sigma):
+    image = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    image[1, 2, 20, 7] = bad
+    image[0, 0, 0, 39] = bad  # at a corner, where reflection folds the kernel back
+    expected = TF.gaussian_blur(image, [kernel_size, kernel_size], [sigma, sigma])
+    blurred = gaussian_blur(image, kernel_size, sigma)
+    assert torch.equal(blurred.isnan(), expected.isnan()) and torch.equal(blurred.isinf(), expected.isinf())
+    if kernel_size == 5 and bad != bad:
+        assert int(blurred[1, 2].isnan().sum()) == 25
+    finite = expected.isfinite()
+    torch.testing.assert_close(blurred[finite], expected[finite])
+    # The other planes are untouched by the bad pixels.
+    torch.testing.assert_close(blurred[1, :2], TF.gaussian_blur(image[1, :2], [kernel_size] * 2, [sigma] * 2))
+
+
+def test_the_convolution_route_of_accelerators_and_compiled_graphs_matches_torchvision():
+    from salmask.functional._filters import _blur_by_convolution
+
+    image = torch.rand(2, 3, 24, 30, dtype=torch.float64)
+    image[0, 1, 5, 5] = float("nan")
+    for kernel_size, sigma in ((5, 1.0), (11, 5.0)):
+        expected = TF.gaussian_blur(image, [kernel_size, kernel_size], [sigma, sigma])
+        blurred = _blur_by_convolution(image, kernel_size, sigma)
+        assert torch.equal(blurred.isnan(), expected.isnan())
+        torch.testing.assert_close(blurred.nan_to_num(), expected.nan_to_num())
+    # Kernels longer than the image reflect as often as needed, as the matrix route does.
+    small = torch.rand(3, 6, 4, dtype=torch.float64)
+    torch.testing.assert_close(_blur_by_convolution(small, 31, 10.0), gaussian_blur(small, 31, 10.0))
