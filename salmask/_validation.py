@@ -202,9 +202,13 @@ def check_views(query: Any, key: Any, names: tuple[str, str] = ("query", "key"))
 
 
 def check_step_views(query: Any, key: Any, hard_negatives: Any, hard_negative_valid: Any) -> None:
-    """The views of a training step: query and key (:func:`check_views`), and hard negatives ``(B, C, H, W)``
-    or ``(B, M, C, H, W)`` of the query's images, whose validity comes only with them."""
+    """The views of a training step: query and key (:func:`check_views`) of at least one image, and hard
+    negatives ``(B, C, H, W)`` or ``(B, M, C, H, W)`` of the query's images, whose validity comes only with
+    them."""
     check_views(query, key)
+    if query.shape[0] == 0:
+        # A loss over no image is a mean over nothing (NaN); a step over one has nothing to learn from.
+        raise ValueError(f"query holds no images (B=0), shape {tuple(query.shape)}; a training step needs at least one")
     if hard_negatives is None:
         if hard_negative_valid is not None:
             raise ValueError("hard_negative_valid was given without hard_negatives")
@@ -293,6 +297,10 @@ def check_embedding_pair(first: Any, second: Any, names: tuple[str, str]) -> Non
         raise ValueError(
             f"{names[0]} and {names[1]} must both be (B, D) with the same B and D, got "
             f"{tuple(first.shape)} and {tuple(second.shape)}"
+        )
+    if first.shape[0] == 0:
+        raise ValueError(
+            f"{names[0]} and {names[1]} hold no embeddings (B=0); a loss needs at least one (its mean over none is NaN)"
         )
 
 

@@ -64,7 +64,8 @@ def expand_patch_mask(patch_mask: Tensor, image_size: tuple[int, int], patch_siz
     # each copy moves contiguous runs of a full row instead of one patch width at a time, which is an order
     # of magnitude faster than broadcasting each patch over its pixels in one step.
     leading = patch_mask.shape[:-2]
-    pixel_rows = patch_mask[..., None].expand(*leading, rows, cols, patch_width).reshape(*leading, rows, 1, -1)
+    pixel_rows = patch_mask[..., None].expand(*leading, rows, cols, patch_width)
+    pixel_rows = pixel_rows.reshape(*leading, rows, 1, cols * patch_width)
     pixels = pixel_rows.expand(*leading, rows, patch_height, cols * patch_width)
     pixels = pixels.reshape(*leading, rows * patch_height, cols * patch_width)
     height, width = image_size

@@ -117,8 +117,8 @@ class HardNegativeInfoNCE(_ContrastiveLoss):
 
         Raises:
             TypeError: a tensor argument is not a tensor of the right dtype.
-            ValueError: mismatched shapes, neither negatives nor hard negatives, an ambiguous square
-                ``negatives`` with ``negatives_layout="auto"``, or non-finite embeddings.
+            ValueError: mismatched shapes, an empty batch (B = 0), neither negatives nor hard negatives, an
+                ambiguous square ``negatives`` with ``negatives_layout="auto"``, or non-finite embeddings.
         """
         check_embedding_pair(query, key, ("query", "key"))
         batch_size, dim = query.shape

@@ -122,8 +122,8 @@ class NTXentLoss(_ContrastiveLoss):
 
         Raises:
             TypeError: a tensor argument is not a tensor of the right dtype.
-            ValueError: mismatched shapes, a batch of one image without other ranks to contrast with, or
-                non-finite embeddings.
+            ValueError: mismatched shapes, an empty batch (B = 0), a batch of one image without other ranks
+                to contrast with, or non-finite embeddings.
         """
         check_embedding_pair(view_a, view_b, ("view_a", "view_b"))
         batch_size, dim = view_a.shape
@@ -132,7 +132,7 @@ class NTXentLoss(_ContrastiveLoss):
         if batch_size * world_size < 2 and hard_negatives is None:
             raise ValueError(
                 "NT-Xent needs at least two images (view_a and view_b of shape (B, D) with B >= 2) "
-                "or hard negatives; got B=1"
+                f"or hard negatives; got B={batch_size}"
             )
         hard, hard_valid = hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
         self._check_finite({"view_a": view_a, "view_b": view_b, "hard_negatives": hard})

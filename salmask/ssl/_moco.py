@@ -225,6 +225,9 @@ class MoCo(nn.Module):
         Returns:
             :class:`~salmask.InfoNCEOutput` ``(loss, logits, targets)``; ``(logits.argmax(1) ==
             targets)`` is the instance-discrimination accuracy.
+
+        Raises:
+            ValueError: an empty batch (B = 0), views of different shapes, or hard negatives of other images.
         """
         check_step_views(query, key, hard_negatives, hard_negative_valid)
         if self.training:

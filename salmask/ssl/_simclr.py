@@ -113,6 +113,9 @@ class SimCLR(nn.Module):
         Returns:
             :class:`~salmask.InfoNCEOutput` ``(loss, logits, targets)``, rows the query anchors then the
             key anchors.
+
+        Raises:
+            ValueError: an empty batch (B = 0), views of different shapes, or hard negatives of other images.
         """
         check_step_views(query, key, hard_negatives, hard_negative_valid)
         view_a, view_b = self.embed(torch.cat([query, key])).chunk(2)
