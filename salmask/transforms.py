@@ -42,8 +42,6 @@ from salmask._validation import (
     check_mask_ratio,
     check_mask_type_probs,
     check_probability,
-    check_saliency_scores,
-    values_readable,
 )
 from salmask.functional import apply_mask, draw_mask_params, high_pass, render_mask
 from salmask.functional._masking import check_fill
@@ -115,9 +113,10 @@ class SaliencyMask(Transform):
         same_on_batch: draw one set of parameters for the whole batch.
         generator: source of randomness; ``None`` uses torch's global generator.
         inplace: write into the input image instead of a new tensor.
-        check_values: reject non-finite images and saliency outside ``[0, 1]``: one pass over the image
-            (and, on an accelerator, a host synchronisation per call); skipped where values cannot be read
-            (meta tensors, tracing). Turn it off in a device-side training step.
+        check_values: reject non-finite images: one pass over the image (and, on an accelerator, a host
+            synchronisation per call); skipped where values cannot be read (meta tensors, tracing). Turn it
+            off in a device-side training step. Float saliency scores are checked against ``[0, 1]`` either
+            way (a read of the small map; boolean saliency needs none).
 
     Attributes:
         last_params: the parameters drawn by the last call (``None`` before the first call).
@@ -198,10 +197,9 @@ class SaliencyMask(Transform):
                 f"all images in a sample must share one shape to share masks, got "
                 f"{sorted({tuple(x.shape) for x in images})}"
             )
-        # The kernels read a Saliency as the tensor it is; unwrapping it would stop torch.compile.
+        # The kernels read a Saliency as the tensor it is (and check its scores); unwrapping it would stop
+        # torch.compile.
         saliency = saliencies[0] if saliencies else None
-        if self.check_values and saliency is not None and values_readable(saliency):
-            check_saliency_scores(saliency)
         params = draw_mask_params(
             image.shape,
             saliency,

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from salmask._validation import as_pair, check_fraction, check_patch_size, check_saliency
+from salmask._validation import (
+    as_pair,
+    check_fraction,
+    check_patch_size,
+    check_saliency,
+    check_saliency_scores,
+    values_readable,
+)
 
 __all__ = ["expand_patch_mask", "patch_grid_size", "saliency_to_patch_grid"]
 
@@ -97,13 +104,17 @@ def saliency_to_patch_grid(
     thresholded.
 
     Args:
-        saliency: ``(B, h, w)`` boolean map or float scores in ``[0, 1]``.
+        saliency: ``(B, h, w)`` boolean map or float scores in ``[0, 1]`` (checked; boolean maps need no
+            check and no host synchronisation).
         image_size: ``(H, W)`` of the images the map belongs to.
         patch_size: side of a square patch, or ``(patch_height, patch_width)``.
         threshold: mean saliency a patch needs to count as foreground, in ``(0, 1]``.
 
     Returns:
         ``(B, rows, cols)`` boolean foreground grid.
+
+    Raises:
+        ValueError: float scores outside ``[0, 1]`` or NaN.
 
     Example:
         >>> saliency = torch.zeros(1, 224, 224, dtype=torch.bool)
@@ -118,6 +129,10 @@ def saliency_to_patch_grid(
                 [0, 0, 0, 0, 0, 0, 0]], dtype=torch.int32)
     """
     saliency = check_saliency(saliency)
+    if saliency.is_floating_point() and values_readable(saliency):
+        # Scores are compared with the threshold here: 0-255 floats would make every patch foreground, NaN
+        # none. A read of the small map (a host synchronisation on an accelerator, which boolean maps skip).
+        check_saliency_scores(saliency)
     check_fraction(threshold, "saliency_threshold")
     patch_height, patch_width = check_patch_size(patch_size, image_size)
     rows, cols = patch_grid_size(image_size, (patch_height, patch_width))

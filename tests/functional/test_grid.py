@@ -3,7 +3,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salmask.functional import expand_patch_mask, patch_grid_size, saliency_to_patch_grid
+from salmask import Saliency, SaliencyMask
+from salmask.functional import draw_mask_params, expand_patch_mask, patch_grid_size, saliency_to_patch_grid
+from salmask.ssl import MaskedViews
 
 
 @pytest.mark.parametrize(
@@ -94,3 +96,19 @@ def test_saliency_must_be_maps():
     assert saliency_to_patch_grid(torch.ones(7, 7), (224, 224), 32).shape == (1, 7, 7)
     with pytest.raises(ValueError, match="saliency_threshold"):
         saliency_to_patch_grid(torch.zeros(1, 7, 7), (224, 224), 32, threshold=0.0)
+
+
+@pytest.mark.parametrize(
+    "scores", [torch.full((1, 7, 7), 200.0), torch.full((1, 7, 7), float("nan")), -torch.ones(1, 7, 7)]
+)
+def test_saliency_scores_outside_0_1_are_refused_even_with_value_checks_off(scores):
+    # 0-255 floats would make every patch foreground and NaN none: scores are checked where they are used.
+
+    with pytest.raises(ValueError, match=r"saliency scores must lie in \[0, 1\]"):
+        saliency_to_patch_grid(scores, (224, 224), 32)
+    with pytest.raises(ValueError, match=r"saliency scores must lie in \[0, 1\]"):
+        draw_mask_params((1, 3, 224, 224), scores)
+    with pytest.raises(ValueError, match=r"saliency scores must lie in \[0, 1\]"):
+        SaliencyMask("mean", check_values=False)(torch.rand(1, 3, 224, 224), Saliency(scores))
+    with pytest.raises(ValueError, match=r"saliency scores must lie in \[0, 1\]"):
+        MaskedViews("mean")(torch.rand(1, 3, 224, 224), torch.rand(1, 3, 224, 224), scores, scores)
