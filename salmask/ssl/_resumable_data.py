@@ -7,6 +7,7 @@ whether or not the run was interrupted.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Subset
 
 from salmask._storage import first_line
 from salmask._validation import check_choice, check_int
@@ -97,15 +98,42 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def _item_path(dataset: Any, index: int) -> str:
-    # Folder datasets (ImageFolder, and SaliencyDataset around one) list their files in `samples`.
+def _item_file(dataset: Any, index: int) -> tuple[Any, str] | None:
+    """The folder dataset that holds item ``index`` of ``dataset`` and the item's file, if there is one.
+
+    Follows subsets and concatenations to the item they stand for, and wrappers (``SaliencyDataset``)
+    through their ``dataset``; folder datasets (``ImageFolder``) list their files in ``samples``.
+    """
     while dataset is not None:
+        if isinstance(dataset, Subset):
+            dataset, index = dataset.dataset, dataset.indices[index]
+            continue
+        if isinstance(dataset, ConcatDataset):
+            part = bisect.bisect_right(dataset.cumulative_sizes, index)
+            index -= dataset.cumulative_sizes[part - 1] if part else 0
+            dataset = dataset.datasets[part]
+            continue
         samples = getattr(dataset, "samples", None)
         if samples is not None:
             entry = samples[index]
-            return str(entry[0] if isinstance(entry, tuple) else entry)
+            return dataset, str(entry[0] if isinstance(entry, tuple) else entry)
         dataset = getattr(dataset, "dataset", None)
-    return f"item {index}"
+    return None
+
+
+def _file_is_unreadable(folder: Any, path: str) -> bool:
+    # The folder's own loader (PIL's, for ImageFolder) decodes the file again: the error of an item is the
+    # file's only if the file alone fails.
+    loader = getattr(folder, "loader", None)
+    try:
+        if callable(loader):
+            loader(path)
+        else:
+            with PIL.Image.open(path) as image:
+                image.load()
+    except Exception:
+        return True
+    return False
 
 
 class SeededDataset(Dataset):
@@ -118,7 +146,10 @@ class SeededDataset(Dataset):
 
     An item whose image cannot be read is reported by path: ``on_bad_image="fail"`` raises a
     :class:`BadImageError` naming the file; ``"skip"`` logs a warning naming it and serves the next
-    readable item instead, so batches keep their size.
+    readable item instead, so batches keep their size. The file is blamed only when the dataset's loader
+    fails on it again: an error raised by the dataset's transforms, or by an item without a file, is
+    raised as it is, and never skipped. Items of folder datasets are found through ``Subset``,
+    ``ConcatDataset`` and wrappers with a ``dataset`` attribute.
 
     Args:
         dataset: map-style dataset whose items apply random transforms with torch's generator (torchvision).
@@ -165,8 +196,11 @@ class SeededDataset(Dataset):
                     torch.manual_seed(self._item_seed(position))
                     return self.dataset[position]
             except _IMAGE_ERRORS as error:
-                path = _item_path(self.dataset, position)
-                message = f"cannot read image {path}: {type(error).__name__}: {first_line(error)}"
+                located = _item_file(self.dataset, position)
+                if located is None or not _file_is_unreadable(*located):
+                    # Raised by the user's transforms (or by a dataset without files): not the image's fault.
+                    raise
+                message = f"cannot read image {located[1]}: {type(error).__name__}: {first_line(error)}"
                 if self.on_bad_image == "fail":
                     raise BadImageError(f"{message} (pass --on-bad-image skip to leave it out)") from error
                 logger.warning("%s; skipped", message)
