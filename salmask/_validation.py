@@ -9,9 +9,12 @@ are skipped by their callers where values cannot be read (:func:`values_readable
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,9 +29,61 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_int(value: Any) -> bool:
+    """An int, not a bool; under ``torch.compile`` a symbolic size (``torch.SymInt``) counts as one."""
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
+def check_bool(value: Any, name: str, *, optional: bool = False) -> bool | None:
+    """A bool (``None`` too with ``optional``); a string or a number where a flag belongs is a mistake."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        expected = "a bool or None" if optional else "a bool"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_generator(value: Any, name: str = "generator") -> torch.Generator | None:
+    """A ``torch.Generator`` or ``None`` (torch's global generator)."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
+def check_mapping(value: Any, name: str, *, optional: bool = False) -> Mapping[str, Any] | None:
+    """A mapping (a dict; ``None`` too with ``optional``)."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict{' or None' if optional else ''}, got {type(value).__name__}")
+    return value
+
+
+def check_path(value: Any, name: str) -> Path:
+    """A file system path: a ``str`` or an ``os.PathLike``."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    return Path(value)
+
+
+def check_callable(value: Any, name: str, *, optional: bool = True) -> Any:
+    """A callable (``None`` too with ``optional``)."""
+    if not (callable(value) or (optional and value is None)):
+        raise TypeError(f"{name} must be callable{' or None' if optional else ''}, got {type(value).__name__}")
+    return value
+
+
+def check_module(value: Any, name: str) -> Any:
+    """A ``torch.nn.Module``."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
 def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     """An int (not a bool), at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
@@ -90,18 +145,18 @@ def check_mask_ratio(value: Any, name: str = "mask_ratio") -> tuple[float, float
     return float(low), float(high)
 
 
-def check_mask_type_probs(mask_type_probs: Any) -> dict[str, float]:
+def check_mask_type_probs(mask_type_probs: Any, name: str = "mask_type_probs") -> dict[str, float]:
     """Probabilities of the mask types in ``MASK_TYPES``, summing to 1."""
     if not isinstance(mask_type_probs, Mapping) or not mask_type_probs:
-        raise TypeError(f"mask_type_probs must be a dict from {MASK_TYPES} to probabilities, got {mask_type_probs!r}")
+        raise TypeError(f"{name} must be a dict from {MASK_TYPES} to probabilities, got {mask_type_probs!r}")
     unknown = set(mask_type_probs) - set(MASK_TYPES)
     if unknown:
-        raise ValueError(f"mask_type_probs has unknown mask types {sorted(unknown)}; known: {MASK_TYPES}")
-    for name, probability in mask_type_probs.items():
-        check_probability(probability, f"mask_type_probs[{name!r}]")
+        raise ValueError(f"{name} has unknown mask types {sorted(unknown)}; known: {MASK_TYPES}")
+    for mask_type, probability in mask_type_probs.items():
+        check_probability(probability, f"{name}[{mask_type!r}]")
     if abs(sum(mask_type_probs.values()) - 1.0) > 1e-6:
-        raise ValueError(f"mask_type_probs must sum to 1, got {dict(mask_type_probs)!r}")
-    return {name: float(probability) for name, probability in mask_type_probs.items()}
+        raise ValueError(f"{name} must sum to 1, got {dict(mask_type_probs)!r}")
+    return {mask_type: float(probability) for mask_type, probability in mask_type_probs.items()}
 
 
 def check_kernel(kernel_size: Any, sigma: Any) -> None:
@@ -113,18 +168,17 @@ def check_kernel(kernel_size: Any, sigma: Any) -> None:
 
 
 def as_pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
+    if is_int(value):
         return value, value
     first, second = value
-    return int(first), int(second)
+    # Symbolic sizes under torch.compile stay symbolic; int() would specialise them.
+    return tuple(side if isinstance(side, torch.SymInt) else int(side) for side in (first, second))  # type: ignore[return-value]
 
 
 def check_size(value: Any, name: str) -> tuple[int, int]:
     """A positive int side, or a ``(height, width)`` pair of them; returned as a pair."""
     is_pair = isinstance(value, Sequence) and len(value) == 2
-    if isinstance(value, bool) or not (
-        isinstance(value, int) or (is_pair and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-    ):
+    if not (is_int(value) or (is_pair and all(is_int(v) for v in value))):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     height, width = as_pair(value)
     if height < 1 or width < 1:

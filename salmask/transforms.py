@@ -36,12 +36,16 @@ from salmask._defaults import (
     SPATIAL_ONLY,
 )
 from salmask._validation import (
+    check_bool,
     check_fraction,
+    check_generator,
     check_image,
     check_kernel,
     check_mask_ratio,
     check_mask_type_probs,
+    check_patch_size,
     check_probability,
+    check_real,
 )
 from salmask.functional import apply_mask, draw_mask_params, high_pass, render_mask
 from salmask.functional._masking import check_fill
@@ -154,24 +158,23 @@ class SaliencyMask(Transform):
         check_values: bool = True,
     ) -> None:
         super().__init__()
+        # Every argument is checked here, not at the first batch.
         self.fill_options = check_fill(fill, fill_options)
         self.fill = fill
         self.mask_ratio = check_mask_ratio(mask_ratio)
+        check_patch_size(patch_size)
         self.patch_size = patch_size
         self.mask_type_probs = check_mask_type_probs(mask_type_probs or SPATIAL_ONLY)
-        self.hard_negative = hard_negative
-        self.focal_keep_fraction = focal_keep_fraction
-        self.focal_fill_fraction = focal_fill_fraction
-        self.saliency_threshold = saliency_threshold
+        self.hard_negative = check_bool(hard_negative, "hard_negative")
+        self.focal_keep_fraction = check_fraction(focal_keep_fraction, "focal_keep_fraction")
+        self.focal_fill_fraction = check_fraction(focal_fill_fraction, "focal_fill_fraction")
+        self.saliency_threshold = check_fraction(saliency_threshold, "saliency_threshold")
         self.p = check_probability(p, "p")
-        self.same_on_batch = same_on_batch
-        self.generator = generator
-        self.inplace = inplace
-        self.check_values = check_values
+        self.same_on_batch = check_bool(same_on_batch, "same_on_batch")
+        self.generator = check_generator(generator)
+        self.inplace = check_bool(inplace, "inplace")
+        self.check_values = check_bool(check_values, "check_values")
         self.last_params: dict[str, Tensor] | None = None
-        # Fail at construction, not at the first batch, on a bad fraction.
-        for name in ("focal_keep_fraction", "focal_fill_fraction", "saliency_threshold"):
-            check_fraction(getattr(self, name), name)
 
     def check_inputs(self, flat_inputs: list[Any]) -> None:
         for inpt in flat_inputs:
@@ -290,10 +293,12 @@ class HighPassMask(SaliencyMask):
         mask_type_probs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        check_bool(hard_negative, "hard_negative")
         if mask_ratio is None:
             mask_ratio = HARD_NEGATIVE_MASK_RATIO if hard_negative else MASK_RATIO
         if noise_std is None:
             noise_std = HIGH_PASS_HARD_NEGATIVE_NOISE_STD if hard_negative else HIGH_PASS_NOISE_STD
+        check_real(noise_std, "noise_std", low=0.0)
         super().__init__(
             "noise",
             mask_ratio,

@@ -627,3 +627,74 @@ def test_reprs_name_the_settings():
     assert "hard_negative_weight=2.0" in repr(HardNegativeInfoNCE())
     assert "gather_distributed=False" in repr(NTXentLoss())
     assert math.isclose(HardNegativeInfoNCE(temperature=1).temperature, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rules that hold for all inputs
+
+SMALLEST_TEMPERATURE = 1 / torch.finfo(torch.float32).max
+
+
+def test_a_temperature_float32_cannot_hold_is_refused_not_a_nan_loss():
+    # 1e-300 is 0 in float32, the precision of the loss: every logit would be infinite and the loss NaN.
+    for build in (lambda: HardNegativeInfoNCE(temperature=1e-300), lambda: NTXentLoss(temperature=1e-300)):
+        with pytest.raises(ValueError, match=r"temperature must be at least 2\.94e-39"):
+            build()
+    with pytest.raises(ValueError, match="hard_negative_weight / temperature"):
+        HardNegativeInfoNCE(temperature=1e-30, hard_negative_weight=1e10)
+    inputs = random_inputs(2, 3, 4, 1, seed=3)
+    with pytest.raises(ValueError, match="temperature must be at least"):
+        extend_moco_logits(
+            torch.randn(2, 5), torch.zeros(2, dtype=torch.long), inputs["query"], inputs["hard"], temperature=1e-300
+        )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    batch=st.integers(1, 5),
+    dim=st.integers(2, 8),
+    num_hard=st.integers(1, 3),
+    log_temperature=st.floats(math.log10(SMALLEST_TEMPERATURE) + 1e-6, 3.0),
+    log_weight=st.floats(-3.0, 3.0),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_every_accepted_setting_gives_a_finite_non_negative_loss(
+    batch, dim, num_hard, log_temperature, log_weight, scale, seed
+):
+    temperature, weight = 10.0**log_temperature, 10.0**log_weight
+    if weight / temperature >= torch.finfo(torch.float32).max:
+        weight = temperature  # outside the accepted settings, refused at construction
+    inputs = random_inputs(batch, dim, 6, num_hard, seed)
+    query, key, hard = (scale * inputs[name] for name in ("query", "key", "hard"))
+    infonce = HardNegativeInfoNCE(temperature, weight, reduction="none", negatives_layout="KD")
+    ntxent = NTXentLoss(temperature, weight, reduction="none", symmetric_hard_negatives=True)
+    for loss in (infonce(query, key, inputs["negatives"], hard, inputs["valid"]), ntxent(query, key, hard)):
+        assert torch.isfinite(loss).all() and (loss >= -1e-5 * loss.abs().max().clamp(min=1)).all(), loss
+    # Normalised embeddings: the loss depends on their directions only.
+    torch.testing.assert_close(
+        infonce(query / scale, key / scale, inputs["negatives"], hard / scale, inputs["valid"]),
+        infonce(query, key, inputs["negatives"], hard, inputs["valid"]),
+        rtol=1e-4,
+        atol=1e-4 * max(1.0, 1.0 / temperature),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(2, 5), dim=st.integers(2, 8), seed=st.integers(0, 2**16), temperature=st.floats(0.01, 2.0))
+def test_nt_xent_without_hard_negatives_is_symmetric_in_its_two_views(batch, dim, seed, temperature):
+    inputs = random_inputs(batch, dim, 1, 1, seed)
+    criterion = NTXentLoss(temperature)
+    torch.testing.assert_close(criterion(inputs["query"], inputs["key"]), criterion(inputs["key"], inputs["query"]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 5), dim=st.integers(2, 8), num_hard=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_hard_negatives_that_are_all_invalid_change_nothing(batch, dim, num_hard, seed):
+    inputs = random_inputs(batch, dim, 6, num_hard, seed)
+    criterion = HardNegativeInfoNCE(negatives_layout="KD")
+    invalid = torch.zeros(batch, num_hard, dtype=torch.bool)
+    torch.testing.assert_close(
+        criterion(inputs["query"], inputs["key"], inputs["negatives"], inputs["hard"], invalid),
+        criterion(inputs["query"], inputs["key"], inputs["negatives"]),
+    )

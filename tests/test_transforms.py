@@ -16,6 +16,7 @@ from salmask import (
     SaliencyMask,
 )
 from salmask.functional import gaussian_blur, high_pass
+from salmask.ssl import MaskedViews
 
 
 def object_saliency(*batch, size=224):
@@ -295,3 +296,24 @@ def test_the_value_check_rejects_nan_and_inf_and_nothing_else():
         with pytest.raises(ValueError, match="non-finite"):
             BlurMask()(images)
         assert MeanFillMask(check_values=False)(images).shape == images.shape
+
+
+@pytest.mark.parametrize(
+    "construct",
+    [
+        lambda: SaliencyMask(patch_size=0),
+        lambda: SaliencyMask(patch_size=(8, 0)),
+        lambda: HighPassMask(noise_std=-1),
+        lambda: SaliencyMask("noise", fill_options={"std": float("nan")}),
+        lambda: SaliencyMask("constant", fill_options={"value": "0"}),
+        lambda: SaliencyMask(saliency_threshold="0.5"),
+        lambda: SaliencyMask(same_on_batch="no"),
+        lambda: MaskedViews("mean", patch_size=0),
+        lambda: MaskedViews("high_pass", fill_options={"std": -1.0}),
+        lambda: MaskedViews("mean", saliency_threshold=2.0),
+        lambda: MaskedViews("mean", generator=0),
+    ],
+)
+def test_construction_arguments_are_checked_at_construction_not_at_the_first_call(construct):
+    with pytest.raises((TypeError, ValueError)):
+        construct()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from salmask._validation import check_choice, check_int
+from salmask._validation import check_choice, check_int, check_path
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "FashionMNIST", "read_idx"]
 
@@ -63,10 +64,16 @@ def read_idx(path: str | os.PathLike[str]) -> Tensor:
         ...     read_idx(path)
         tensor([7, 0, 9], dtype=torch.uint8)
     """
-    path = Path(path)
+    path = check_path(path, "path")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as stream:
-        content = stream.read()
+    try:
+        with opener(path, "rb") as stream:
+            content = stream.read()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as error:
+        # gzip reports a damaged file without its name ("Compressed file ended before ...").
+        raise ValueError(f"{path} cannot be read as an IDX file: {type(error).__name__}: {error}") from error
     if len(content) < 4 or content[0] != 0 or content[1] != 0 or content[2] not in _IDX_TYPES:
         raise ValueError(f"{path} is not an IDX file: bad magic number {content[:4].hex()}")
     dtype, ndim = np.dtype(_IDX_TYPES[content[2]]), content[3]

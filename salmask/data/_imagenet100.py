@@ -166,8 +166,14 @@ def build_imagenet100(
             raise ValueError(f"splits must be drawn from ('train', 'val'), got {split!r}")
     if not splits:
         raise ValueError("splits must name at least one split")
+    if isinstance(classes, str) or not isinstance(classes, Sequence):
+        raise TypeError(f"classes must be a sequence of WordNet ids, got {type(classes).__name__}")
     if not classes or len(set(classes)) != len(classes):
         raise ValueError("classes must be a non-empty sequence of distinct WordNet ids")
+    # Each id names a folder under the output: anything else ("../x", an absolute path) would link outside it.
+    malformed = [wnid for wnid in classes if not (isinstance(wnid, str) and _WNID.fullmatch(wnid))]
+    if malformed:
+        raise ValueError(f"classes must be WordNet ids like 'n01749939', got {', '.join(map(repr, malformed[:5]))}")
     if not root.is_dir():
         raise FileNotFoundError(f"the ImageNet root {root} does not exist or is not a folder")
 

@@ -10,6 +10,7 @@ from typing import Any
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from salmask._validation import check_bool, check_callable, check_path, check_real
 from salmask.saliency._cache import SaliencyCache, SaliencyCacheError, load_saliency_cache
 
 __all__ = ["SaliencyDataset", "SaliencyImageFolder"]
@@ -66,6 +67,17 @@ class SaliencyDataset(Dataset):
         largest_component: bool | None = None,
         return_target: bool = False,
     ) -> None:
+        if not isinstance(cache, (SaliencyCache, str, os.PathLike)):
+            raise TypeError(f"cache must be a SaliencyCache or the path of a cache file, got {type(cache).__name__}")
+        check_callable(transform, "transform")
+        if threshold_std is not None:
+            check_real(threshold_std, "threshold_std")
+        check_bool(largest_component, "largest_component", optional=True)
+        check_bool(return_target, "return_target")
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"dataset must be a map-style dataset (__getitem__ and __len__), got {type(dataset).__name__}"
+            )
         self.dataset = dataset
         self.cache = cache if isinstance(cache, SaliencyCache) else load_saliency_cache(cache)
         self.transform = transform
@@ -124,8 +136,8 @@ class SaliencyImageFolder(SaliencyDataset):
     ) -> None:
         from torchvision.datasets import ImageFolder
 
-        if not isinstance(return_target, bool):
-            raise TypeError(f"return_target must be a bool, got {type(return_target).__name__}")
+        check_path(root, "root")
+        check_bool(return_target, "return_target")
         folder_options = {key: options.pop(key) for key in ("loader", "is_valid_file") if key in options}
         super().__init__(
             ImageFolder(os.fspath(root), **folder_options), cache, transform, return_target=return_target, **options

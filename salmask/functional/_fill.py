@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from salmask._defaults import BLUR_KERNEL_SIZE, BLUR_SIGMA
-from salmask._validation import check_float_image, check_image, check_mask
+from salmask._validation import check_bool, check_float_image, check_generator, check_image, check_mask, check_real
 from salmask.functional._filters import gaussian_blur
 
 __all__ = ["fill_blur", "fill_constant", "fill_mean", "fill_noise"]
@@ -58,9 +58,10 @@ def blur_source(image: Tensor, kernel_size: int = BLUR_KERNEL_SIZE, sigma: float
     return gaussian_blur(image if image.is_floating_point() else image.float(), kernel_size, sigma)
 
 
-def _checked(image: Tensor, mask: Tensor) -> None:
+def _checked(image: Tensor, mask: Tensor, inplace: bool) -> None:
     check_image(image)
     check_mask(mask, image)
+    check_bool(inplace, "inplace")
 
 
 def fill_constant(image: Tensor, mask: Tensor, value: float = 0.0, *, inplace: bool = False) -> Tensor:
@@ -82,7 +83,8 @@ def fill_constant(image: Tensor, mask: Tensor, value: float = 0.0, *, inplace: b
         >>> fill_constant(image, mask, 0.0)[0, :, 0].tolist()
         [0.0, 0.0, 1.0, 1.0]
     """
-    _checked(image, mask)
+    _checked(image, mask, inplace)
+    check_real(value, "value")
     return where_masked(mask, constant_source(image, value), image, inplace)
 
 
@@ -104,7 +106,7 @@ def fill_mean(image: Tensor, mask: Tensor, *, inplace: bool = False) -> Tensor:
         >>> fill_mean(image, mask)[0, 0, 0].item()
         7.5
     """
-    _checked(image, mask)
+    _checked(image, mask, inplace)
     return where_masked(mask, mean_source(image), image, inplace)
 
 
@@ -136,7 +138,7 @@ def fill_blur(
         >>> torch.equal(out[:, 32:], image[:, 32:]), bool(out[:, :32, :32].std() < image.std())
         (True, True)
     """
-    _checked(image, mask)
+    _checked(image, mask, inplace)
     return where_masked(mask, blur_source(image, kernel_size, sigma), image, inplace)
 
 
@@ -172,10 +174,11 @@ def fill_noise(
         >>> round(out.std().item(), 1)
         0.5
     """
-    _checked(image, mask)
+    _checked(image, mask, inplace)
     check_float_image(image, "the noise fill")
-    if not std >= 0:
-        raise ValueError(f"std must be non-negative, got {std}")
+    check_real(std, "std", low=0.0)
+    check_real(mean, "mean")
+    check_generator(generator)
     if image.device.type == "cpu" and not torch.compiler.is_compiling():
         # The CPU generator draws serially, about twenty copies of the batch for one sample per pixel: draw
         # only as many samples as there are masked elements. Counting them reads host memory, not a device.

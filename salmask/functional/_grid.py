@@ -12,6 +12,8 @@ from salmask._validation import (
     check_patch_size,
     check_saliency,
     check_saliency_scores,
+    check_size,
+    check_tensor,
     values_readable,
 )
 
@@ -37,8 +39,8 @@ def patch_grid_size(image_size: tuple[int, int], patch_size: int | tuple[int, in
         >>> patch_grid_size((100, 150), 32)
         (4, 5)
     """
+    height, width = check_size(image_size, "image_size")
     patch_height, patch_width = check_patch_size(patch_size, image_size)
-    height, width = image_size
     return -(-height // patch_height), -(-width // patch_width)
 
 
@@ -60,8 +62,9 @@ def expand_patch_mask(patch_mask: Tensor, image_size: tuple[int, int], patch_siz
                 [1, 1, 0],
                 [0, 0, 0]], dtype=torch.int32)
     """
+    check_tensor(patch_mask, "patch_mask")
     rows, cols = patch_grid_size(image_size, patch_size)
-    if tuple(patch_mask.shape[-2:]) != (rows, cols):
+    if patch_mask.ndim < 2 or tuple(patch_mask.shape[-2:]) != (rows, cols):
         raise ValueError(
             f"patch_mask must end in the patch grid {(rows, cols)} for image_size={tuple(image_size)} and "
             f"patch_size={patch_size}, got shape {tuple(patch_mask.shape)}"
@@ -134,6 +137,7 @@ def saliency_to_patch_grid(
         # none. A read of the small map (a host synchronisation on an accelerator, which boolean maps skip).
         check_saliency_scores(saliency)
     check_fraction(threshold, "saliency_threshold")
+    image_size = check_size(image_size, "image_size")
     patch_height, patch_width = check_patch_size(patch_size, image_size)
     rows, cols = patch_grid_size(image_size, (patch_height, patch_width))
     scores = saliency if saliency.is_floating_point() else saliency.float()

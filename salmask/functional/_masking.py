@@ -9,7 +9,7 @@ with the same parameters.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,15 +25,21 @@ from salmask._defaults import (
 )
 from salmask._validation import (
     as_pair,
+    check_bool,
     check_finite_image,
     check_fraction,
+    check_generator,
     check_image,
     check_kernel,
+    check_mapping,
     check_mask,
     check_mask_ratio,
     check_mask_type_probs,
+    check_patch_size,
     check_probability,
+    check_real,
     check_saliency,
+    is_int,
     values_readable,
 )
 from salmask.functional._fill import (
@@ -92,6 +98,7 @@ def check_fill(fill: str, fill_options: dict[str, Any] | None = None) -> dict[st
         )
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {sorted(FILLS)}, got {fill!r}")
+    check_mapping(fill_options, "fill_options", optional=True)
     defaults = _FILL_OPTIONS[fill]
     unknown = set(fill_options or {}) - set(defaults)
     if unknown:
@@ -99,7 +106,24 @@ def check_fill(fill: str, fill_options: dict[str, Any] | None = None) -> dict[st
     options = {**defaults, **(fill_options or {})}
     if "kernel_size" in options:
         check_kernel(options["kernel_size"], options["sigma"])
+    if "std" in options:
+        check_real(options["std"], "std", low=0.0)
+    for name in ("mean", "value"):
+        if name in options:
+            check_real(options[name], name)
     return options
+
+
+_PARAMS_KEYS = ("patch_mask", "mask_type", "applied", "valid")
+
+
+def check_params(params: Any, name: str = "params") -> None:
+    """The drawn parameters of :func:`draw_mask_params`: a dict holding at least its tensors."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name} must be the dict of tensors draw_mask_params returns, got {type(params).__name__}")
+    missing = [key for key in _PARAMS_KEYS if not isinstance(params.get(key), Tensor)]
+    if missing:
+        raise ValueError(f"{name} lacks the tensors {missing}; pass the dict draw_mask_params returned")
 
 
 def draw_mask_params(
@@ -165,8 +189,13 @@ def draw_mask_params(
         >>> params["patch_mask"].sum(dim=(1, 2, 3)).tolist(), params["valid"].tolist()
         ([5, 5], [True, True])
     """
-    if len(image_shape) not in (3, 4):
+    if not isinstance(image_shape, Sequence) or not all(is_int(side) for side in image_shape):
+        raise TypeError(f"image_shape must be a torch.Size or a tuple of ints, got {image_shape!r}")
+    if len(image_shape) not in (3, 4) or min(image_shape) < 0:
         raise ValueError(f"image_shape must be (C, H, W) or (B, C, H, W), got {tuple(image_shape)}")
+    check_bool(hard_negative, "hard_negative")
+    check_bool(same_on_batch, "same_on_batch")
+    check_generator(generator)
     batched = len(image_shape) == 4
     batch_size = image_shape[0] if batched else 1
     num_channels, height, width = (int(s) for s in image_shape[-3:])
@@ -253,6 +282,8 @@ def render_mask(
         >>> render_mask(params, (64, 64), 16).sum(dim=(1, 2, 3)).tolist()
         [1024, 1024]
     """
+    check_params(params)
+    check_bool(hard_negative, "hard_negative")
     batched = params["mask_type"].ndim == 1
     if not batched:
         params = {name: value[None] for name, value in params.items()}
@@ -296,6 +327,7 @@ def apply_fill(
     """
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {sorted(FILLS)}, got {fill!r}")
+    check_generator(generator)
     if fill == "noise":
         fill_options["generator"] = generator
     return FILLS[fill](image, mask, inplace=inplace, **fill_options)
@@ -356,7 +388,12 @@ def apply_mask(
         True
     """
     check_image(image)
+    check_params(params)
     fill_options = check_fill(fill, fill_options)
+    check_patch_size(patch_size)
+    for name, flag in (("hard_negative", hard_negative), ("inplace", inplace), ("check_finite", check_finite)):
+        check_bool(flag, name)
+    check_generator(generator)
     sums = None
     if check_finite and image.is_floating_point() and values_readable(image):
         sums = plane_sums(image)
@@ -402,6 +439,7 @@ def mask_images(
         [12, 12, 12, 12]
     """
     check_image(image)
+    check_mapping(fill_options, "fill_options", optional=True)
     params = draw_mask_params(image.shape, saliency, device=image.device, generator=generator, **mask_options)
     masked = apply_mask(
         image,

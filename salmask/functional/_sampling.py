@@ -12,7 +12,15 @@ import torch
 from torch import Tensor
 
 from salmask._defaults import MASK_TYPES as _MASK_TYPES
-from salmask._validation import check_fraction, check_mask_ratio
+from salmask._validation import (
+    check_bool,
+    check_fraction,
+    check_int,
+    check_mask_ratio,
+    check_mask_type_probs,
+    check_size,
+    check_tensor,
+)
 
 __all__ = [
     "MASK_TYPES",
@@ -57,9 +65,26 @@ def draw_mask_ratios(
         torch.Size([4])
     """
     low, high = check_mask_ratio(mask_ratio)
+    _check_batch(batch_size, same_on_batch)
     device = torch.device(device) if device is not None else torch.device("cpu")
     draws = _rand((1 if same_on_batch else batch_size,), device, generator)
     return (low + (high - low) * draws).expand(batch_size)
+
+
+def _check_batch(batch_size: int, same_on_batch: bool) -> None:
+    check_int(batch_size, "batch_size", minimum=0)
+    check_bool(same_on_batch, "same_on_batch")
+
+
+def _check_counts_inputs(foreground: Tensor, mask_ratio: Tensor) -> None:
+    check_tensor(foreground, "foreground", ndim=2)
+    if foreground.dtype != torch.bool:
+        raise TypeError(f"foreground must be a bool tensor, got dtype {foreground.dtype}")
+    check_tensor(mask_ratio, "mask_ratio", ndim=1, floating=True)
+    if mask_ratio.shape[0] != foreground.shape[0]:
+        raise ValueError(
+            f"mask_ratio must hold one ratio per row of foreground ({foreground.shape[0]}), got {mask_ratio.shape[0]}"
+        )
 
 
 def _round_half_up(values: Tensor) -> Tensor:
@@ -98,6 +123,8 @@ def masked_patch_counts(
         >>> masked_patch_counts(foreground, torch.tensor([0.5]), hard_negative=True)
         (tensor([10]), tensor([0]))
     """
+    _check_counts_inputs(foreground, mask_ratio)
+    check_bool(hard_negative, "hard_negative")
     num_patches = foreground.shape[-1]
     num_foreground = foreground.sum(dim=-1)
     num_background = num_patches - num_foreground
@@ -152,6 +179,12 @@ def sample_patch_mask(
         >>> (mask & ~foreground[:, None]).sum(-1).flatten().tolist()
         [7, 7]
     """
+    check_tensor(mask_ratio, "mask_ratio", ndim=1, floating=True)
+    check_bool(hard_negative, "hard_negative")
+    check_bool(same_on_batch, "same_on_batch")
+    check_int(num_sets, "num_sets", minimum=1)
+    if num_patches is not None:
+        check_int(num_patches, "num_patches", minimum=1)
     batch_size = mask_ratio.shape[0]
     if foreground is None:
         if hard_negative:
@@ -159,6 +192,9 @@ def sample_patch_mask(
         if num_patches is None:
             raise ValueError("num_patches is required when foreground is None")
         foreground = torch.ones(batch_size, num_patches, dtype=torch.bool, device=mask_ratio.device)
+    check_tensor(foreground, "foreground")
+    if foreground.dtype != torch.bool:
+        raise TypeError(f"foreground must be a bool tensor, got dtype {foreground.dtype}")
     if foreground.ndim != 2 or foreground.shape[0] != batch_size:
         raise ValueError(
             f"foreground must be shaped (B, N) with B={batch_size} like mask_ratio, got {tuple(foreground.shape)}"
@@ -207,6 +243,8 @@ def draw_mask_types(
         >>> draw_mask_types({"spatial": 1.0}, 3)
         tensor([0, 0, 0])
     """
+    probabilities = check_mask_type_probs(probabilities, "probabilities")
+    _check_batch(batch_size, same_on_batch)
     cumulative = torch.tensor([probabilities.get(name, 0.0) for name in MASK_TYPES], dtype=torch.float64).cumsum(0)
     device = torch.device(device) if device is not None else torch.device("cpu")
     draws = _rand((1 if same_on_batch else batch_size,), device, generator).double()
@@ -246,8 +284,9 @@ def draw_focal_windows(
         [[130, 130], [130, 130]]
     """
     check_fraction(window_fraction, "window_fraction")
+    _check_batch(batch_size, same_on_batch)
+    height, width = check_size(image_size, "image_size")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    height, width = image_size
     window_height = max(1, round(height * window_fraction))
     window_width = max(1, round(width * window_fraction))
     draws = _rand((1 if same_on_batch else batch_size, 2), device, generator).expand(batch_size, 2)
@@ -274,7 +313,13 @@ def focal_window_mask(window: Tensor, image_size: tuple[int, int], *, keep_windo
         >>> int(focal_window_mask(window, (16, 16), keep_window=False).sum())
         20
     """
-    height, width = image_size
+    height, width = check_size(image_size, "image_size")
+    check_bool(keep_window, "keep_window")
+    check_tensor(window, "window", ndim=2)
+    if window.is_floating_point() or window.dtype == torch.bool or window.shape[1] != 4:
+        raise ValueError(
+            f"window must be (B, 4) integer (top, left, height, width), got {window.dtype} {tuple(window.shape)}"
+        )
     top, left, window_height, window_width = window.unbind(-1)
     rows = torch.arange(height, device=window.device)[None, :]
     cols = torch.arange(width, device=window.device)[None, :]

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from salmask._validation import check_choice, check_positive, raise_if_not_finite
+from salmask._validation import check_bool, check_choice, check_positive, raise_if_not_finite
 
-__all__ = ["InfoNCEOutput"]
+__all__ = ["InfoNCEOutput", "check_logit_scale"]
 
 Reduction = Literal["mean", "sum", "none"]
 NegativesLayout = Literal["auto", "KD", "DK"]
@@ -35,6 +35,28 @@ class InfoNCEOutput(NamedTuple):
     loss: torch.Tensor
     logits: torch.Tensor
     targets: torch.Tensor
+
+
+def check_logit_scale(temperature: Any, hard_negative_weight: Any) -> tuple[float, float]:
+    """tau and rho, positive and such that similarities in ``[-1, 1]`` give finite float32 logits.
+
+    The loss is computed in float32: a temperature of 1e-300 is 0 there, and every logit would be
+    infinite (the loss NaN).
+    """
+    temperature = check_positive(temperature, "temperature")
+    hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
+    largest = torch.finfo(torch.float32).max
+    if 1.0 / temperature >= largest:
+        raise ValueError(
+            f"temperature must be at least {1 / largest:.3g} (the loss is computed in float32, where 1 / "
+            f"temperature must be finite), got {temperature}"
+        )
+    if hard_negative_weight / temperature >= largest:
+        raise ValueError(
+            f"hard_negative_weight / temperature must be finite in float32 (below {largest:.3g}), got "
+            f"{hard_negative_weight} / {temperature}"
+        )
+    return temperature, hard_negative_weight
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -106,11 +128,10 @@ class _ContrastiveLoss(nn.Module):
         self, temperature: float, hard_negative_weight: float, normalize: bool, reduction: str, check_finite: bool
     ) -> None:
         super().__init__()
-        self.temperature = check_positive(temperature, "temperature")
-        self.hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
-        self.normalize = bool(normalize)
+        self.temperature, self.hard_negative_weight = check_logit_scale(temperature, hard_negative_weight)
+        self.normalize = check_bool(normalize, "normalize")
         self.reduction = check_choice(reduction, "reduction", _REDUCTIONS)
-        self.check_finite = bool(check_finite)
+        self.check_finite = check_bool(check_finite, "check_finite")
 
     def extra_repr(self) -> str:
         return (

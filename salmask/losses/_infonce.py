@@ -6,9 +6,9 @@ import torch
 
 from salmask._defaults import HARD_NEGATIVE_WEIGHT, TEMPERATURE
 from salmask._validation import (
+    check_bool,
     check_choice,
     check_embedding_pair,
-    check_positive,
     check_tensor,
     hard_negatives_as_batch,
     negatives_as_rows,
@@ -22,6 +22,7 @@ from salmask.losses._core import (
     _compute_dtype,
     _ContrastiveLoss,
     _prepare,
+    check_logit_scale,
 )
 
 __all__ = ["HardNegativeInfoNCE", "extend_moco_logits"]
@@ -121,6 +122,7 @@ class HardNegativeInfoNCE(_ContrastiveLoss):
                 ambiguous square ``negatives`` with ``negatives_layout="auto"``, or non-finite embeddings.
         """
         check_embedding_pair(query, key, ("query", "key"))
+        check_bool(return_logits, "return_logits")
         batch_size, dim = query.shape
         if negatives is None and hard_negatives is None:
             raise ValueError("pass negatives, hard_negatives or both: with neither there is nothing to contrast")
@@ -206,8 +208,8 @@ def extend_moco_logits(
         torch.Size([4, 34])
         >>> loss = torch.nn.CrossEntropyLoss()(logits, labels)
     """
-    temperature = check_positive(temperature, "temperature")
-    hard_negative_weight = check_positive(hard_negative_weight, "hard_negative_weight")
+    temperature, hard_negative_weight = check_logit_scale(temperature, hard_negative_weight)
+    check_bool(normalize, "normalize")
     check_tensor(logits, "logits", ndim=2, floating=True)
     check_tensor(query, "query", ndim=2, floating=True)
     check_tensor(labels, "labels")

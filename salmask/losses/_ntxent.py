@@ -6,6 +6,7 @@ import torch
 
 from salmask._defaults import HARD_NEGATIVE_WEIGHT, TEMPERATURE
 from salmask._validation import (
+    check_bool,
     check_embedding_pair,
     hard_negatives_as_batch,
 )
@@ -89,8 +90,8 @@ class NTXentLoss(_ContrastiveLoss):
         check_finite: bool = True,
     ) -> None:
         super().__init__(temperature, hard_negative_weight, normalize, reduction, check_finite)
-        self.gather_distributed = bool(gather_distributed)
-        self.symmetric_hard_negatives = bool(symmetric_hard_negatives)
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        self.symmetric_hard_negatives = check_bool(symmetric_hard_negatives, "symmetric_hard_negatives")
 
     def extra_repr(self) -> str:
         return (
@@ -126,6 +127,7 @@ class NTXentLoss(_ContrastiveLoss):
                 to contrast with, or non-finite embeddings.
         """
         check_embedding_pair(view_a, view_b, ("view_a", "view_b"))
+        check_bool(return_logits, "return_logits")
         batch_size, dim = view_a.shape
         world_size = get_world_size() if self.gather_distributed else 1
         rank = get_rank() if self.gather_distributed else 0

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from salmask._storage import load_verified, save_verified
-from salmask._validation import check_int, check_real
+from salmask._validation import check_bool, check_int, check_mapping, check_path, check_real
 from salmask.saliency._scda import SCDA, scda_foreground
 from salmask.tv_tensors import Saliency
 
@@ -67,6 +67,10 @@ def quantize_activation(activation: Tensor) -> Tensor:
     return (scaled * 255).round().clamp(0, 255).to(torch.uint8).view_as(activation)
 
 
+def _kind(value: Any) -> str:
+    return f"dtype {value.dtype}, shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
 def _nearest_indices(source: int, target: int, device: torch.device) -> Tensor:
     # Centre-aligned nearest neighbour: target pixel i samples source cell floor((i + 0.5) * source / target).
     positions = (torch.arange(target, device=device, dtype=torch.float64) + 0.5) * (source / target)
@@ -89,6 +93,25 @@ class SaliencyCache:
     """
 
     def __init__(self, header: dict[str, Any], activation: Tensor, done: Tensor, paths: Sequence[str]) -> None:
+        check_mapping(header, "header")
+        missing = [key for key in _HEADER_KEYS if key not in header]
+        if missing:
+            raise SaliencyCacheError(f"header lacks the fields {missing}")
+        num_images, grid = header["num_images"], tuple(header["grid"])
+        if not isinstance(activation, Tensor) or activation.dtype != torch.uint8 or activation.ndim != 3:
+            raise TypeError(f"activation must be a (N, U, V) uint8 tensor, got {_kind(activation)}")
+        if tuple(activation.shape) != (num_images, *grid):
+            raise SaliencyCacheError(
+                f"activation shape {tuple(activation.shape)} does not match header {(num_images, *grid)}"
+            )
+        if not isinstance(done, Tensor) or done.dtype != torch.bool:
+            raise TypeError(f"done must be a ({num_images},) bool tensor, got {_kind(done)}")
+        if tuple(done.shape) != (num_images,):
+            raise SaliencyCacheError(f"done must be a ({num_images},) bool tensor, got shape {tuple(done.shape)}")
+        if not isinstance(paths, Sequence) or isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+            raise TypeError(f"paths must be a list of relative file paths (str), got {type(paths).__name__}")
+        if len(paths) != num_images:
+            raise SaliencyCacheError(f"expected {num_images} paths, found {len(paths)}")
         self.header = dict(header)
         self.activation = activation
         self.done = done
@@ -206,7 +229,8 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
         SaliencyCacheError: unreadable or corrupt (its content does not match its digest), wrong format or
             version, inconsistent shapes or dtypes, or an incomplete cache.
     """
-    path = Path(path)
+    path = check_path(path, "path")
+    check_bool(allow_incomplete, "allow_incomplete")
     if not path.is_file():
         raise FileNotFoundError(
             f"saliency cache {str(path)!r} does not exist; build it with "
@@ -231,17 +255,13 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
     missing = [key for key in (*_HEADER_KEYS, "paths", "activation", "done") if key not in state]
     if missing:
         raise _fail(path, f"missing fields {missing}")
-    activation, done, paths = state["activation"], state["done"], state["paths"]
-    num_images = state["num_images"]
-    grid = tuple(state["grid"])
-    if not isinstance(activation, Tensor) or activation.dtype != torch.uint8 or activation.ndim != 3:
-        raise _fail(path, "activation must be a (N, U, V) uint8 tensor")
-    if tuple(activation.shape) != (num_images, *grid):
-        raise _fail(path, f"activation shape {tuple(activation.shape)} does not match header {(num_images, *grid)}")
-    if not isinstance(done, Tensor) or done.dtype != torch.bool or tuple(done.shape) != (num_images,):
-        raise _fail(path, f"done must be a ({num_images},) bool tensor")
-    if not isinstance(paths, list) or len(paths) != num_images:
-        raise _fail(path, f"expected {num_images} paths, found {len(paths) if isinstance(paths, list) else paths!r}")
+    try:
+        cache = SaliencyCache(
+            {key: state[key] for key in _HEADER_KEYS}, state["activation"], state["done"], state["paths"]
+        )
+    except (TypeError, ValueError) as error:
+        raise _fail(path, str(error)) from error
+    num_images, done = cache.header["num_images"], cache.done
     complete = bool(state["complete"]) and bool(done.all())
     if not complete and not allow_incomplete:
         raise _fail(
@@ -249,8 +269,7 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
             f"incomplete ({int(done.sum())} of {num_images} images computed); re-run the same "
             "`python -m salmask.saliency.build_cache` command to finish it",
         )
-    header = {key: state[key] for key in _HEADER_KEYS}
-    return SaliencyCache(header, activation, done, paths)
+    return cache
 
 
 class _IndexedImages(Dataset):
@@ -317,11 +336,15 @@ def build_saliency_cache(
 
     from salmask.saliency._backbones import IMAGENET_MEAN, IMAGENET_STD
 
+    root = check_path(root, "root")
+    out = check_path(out, "out")
     if not isinstance(scda, SCDA):
         raise TypeError(f"scda must be an SCDA module, got {type(scda).__name__}")
     check_int(image_size, "image_size", minimum=1)
     check_int(batch_size, "batch_size", minimum=1)
-    out = Path(out)
+    check_int(num_workers, "num_workers", minimum=0)
+    check_real(checkpoint_seconds, "checkpoint_seconds", low=0.0)
+    check_bool(progress, "progress")
     if device is not None:
         scda = scda.to(device)
     device = next(iter(scda.parameters()), torch.empty(0)).device

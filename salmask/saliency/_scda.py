@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salmask._defaults import SCDA_THRESHOLD_STD
-from salmask._validation import check_choice, check_real, check_size
+from salmask._validation import check_bool, check_choice, check_real, check_size
 from salmask.tv_tensors import Saliency
 
 __all__ = ["SCDA", "activation_from_features", "largest_connected_component", "scda_foreground"]
@@ -81,6 +81,7 @@ def scda_foreground(
                 [0, 1, 0]], dtype=torch.int32)
     """
     threshold_std = check_real(threshold_std, "threshold_std")
+    check_bool(largest_component, "largest_component")
     check_choice(connectivity, "connectivity", (4, 8))
     if not isinstance(activation, Tensor) or activation.ndim not in (2, 3):
         shape = tuple(activation.shape) if isinstance(activation, Tensor) else type(activation).__name__
@@ -233,7 +234,7 @@ class SCDA(nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         self.backbone = backbone
         self.threshold_std = check_real(threshold_std, "threshold_std")
-        self.largest_component = bool(largest_component)
+        self.largest_component = check_bool(largest_component, "largest_component")
         self.connectivity = check_choice(connectivity, "connectivity", (4, 8))
         self.input_size = None if input_size is None else check_size(input_size, "input_size")
         self.output_size = None if output_size is None else check_size(output_size, "output_size")

@@ -12,12 +12,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from salmask._validation import check_bool, check_mapping
 from salmask.ssl._checkpoint import CheckpointError
 from salmask.ssl._encoders import build_encoder
 from salmask.ssl._training_state import load_state_dict_checked
 from salmask.transforms import HighPassFilter
 
 __all__ = ["encoder_state_dict", "input_filter_of", "pretrained_encoder", "record_input_filter"]
+
+
+def _check_checkpoint(checkpoint: Any) -> None:
+    check_mapping(checkpoint, "checkpoint")
+    if not isinstance(checkpoint.get("model"), Mapping):
+        raise CheckpointError(
+            f"checkpoint {checkpoint.get('path', '')} holds no 'model' state dict; pass what load_checkpoint returns"
+        )
 
 
 def encoder_state_dict(checkpoint: Mapping[str, Any], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
@@ -40,11 +49,14 @@ def encoder_state_dict(checkpoint: Mapping[str, Any], prefix: str = "encoder.") 
         >>> list(encoder_state_dict(state))
         ['conv.weight']
     """
+    _check_checkpoint(checkpoint)
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
     weights = {key.removeprefix(prefix): value for key, value in checkpoint["model"].items() if key.startswith(prefix)}
     if not weights:
         raise CheckpointError(
-            f"checkpoint {checkpoint.get('path', '')} holds no weights under {prefix!r}; is it a MoCo or SimCLR "
-            "pretraining checkpoint?"
+            f"checkpoint {checkpoint.get('path', '')} holds no weights under prefix {prefix!r}; is it a MoCo or "
+            "SimCLR pretraining checkpoint?"
         )
     return weights
 
@@ -64,9 +76,10 @@ def pretrained_encoder(checkpoint: Mapping[str, Any]) -> nn.Module:
     Raises:
         CheckpointError: the configuration does not name the architecture, or the weights do not fit it.
     """
-    config = checkpoint["config"]
+    _check_checkpoint(checkpoint)
+    config = checkpoint.get("config")
     source = f"checkpoint {checkpoint.get('path', '')}".rstrip()
-    if "arch" not in config:
+    if not isinstance(config, Mapping) or "arch" not in config:
         raise CheckpointError(f"{source} does not record its architecture (config['arch'])")
     encoder = build_encoder(config["arch"], small_images=bool(config.get("small_images", False)))
     load_state_dict_checked(encoder, encoder_state_dict(checkpoint), f"{source} (encoder, {config['arch']})")
@@ -120,6 +133,8 @@ def input_filter_of(config: Mapping[str, Any], *, enabled: bool | None = None) -
         >>> input_filter_of({"strategy": "blur", "input_filter": None}, enabled=True)
         HighPassFilter(kernel_size=11, sigma=5.0)
     """
+    check_mapping(config, "config")
+    check_bool(enabled, "enabled", optional=True)
     if enabled is False:
         return None
     if "input_filter" in config:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -10,10 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from salmask._validation import check_int, check_positive, check_tensor
+from salmask._validation import check_bool, check_callable, check_int, check_positive, check_tensor
 from salmask.distributed import all_gather, get_world_size
 
 __all__ = ["extract_features", "knn_predict", "knn_top1"]
+
+
+def _check_loader(loader: Any, name: str) -> None:
+    if not isinstance(loader, Iterable) or isinstance(loader, (str, bytes, Tensor)):
+        raise TypeError(
+            f"{name} must be a DataLoader (an iterable of (images, labels) batches), got {type(loader).__name__}"
+        )
 
 
 def _first_tensor(batch: Any) -> tuple[Tensor, Tensor]:
@@ -67,6 +74,10 @@ def extract_features(
     """
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+    _check_loader(loader, "loader")
+    check_callable(transform, "transform")
+    check_bool(channels_last, "channels_last")
+    check_bool(autocast, "autocast")
     world_size = get_world_size()
     sampler = getattr(loader, "sampler", None)
     if world_size > 1 and (not isinstance(sampler, DistributedSampler) or sampler.shuffle):
@@ -223,6 +234,8 @@ def knn_top1(
     Returns:
         Top-1 accuracy in percent, the same on every rank.
     """
+    _check_loader(train_loader, "train_loader")
+    _check_loader(val_loader, "val_loader")
     bank_features, bank_labels = extract_features(encoder, train_loader, **extract_options)
     features, labels = extract_features(encoder, val_loader, **extract_options)
     scores = knn_predict(

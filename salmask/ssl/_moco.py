@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from salmask._defaults import EMBEDDING_DIM, HARD_NEGATIVE_WEIGHT, KEY_ENCODER_MOMENTUM, QUEUE_SIZE, TEMPERATURE
-from salmask._validation import check_choice, check_probability, check_step_views
+from salmask._validation import check_choice, check_int, check_probability, check_step_views, check_tensor
 from salmask.distributed import all_gather, get_rank, get_world_size
 from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput
 from salmask.ssl._encoders import head_for
@@ -47,6 +47,9 @@ def batch_shuffle(images: Tensor) -> tuple[Tensor, Tensor | None]:
         >>> torch.equal(batch_unshuffle(shuffled, restore), images)
         True
     """
+    check_tensor(images, "images")
+    if images.ndim == 0:
+        raise ValueError("images must be a (B, ...) batch, got a scalar")
     world_size = get_world_size()
     if world_size == 1:
         return images, None
@@ -68,6 +71,9 @@ def batch_unshuffle(outputs: Tensor, restore: Tensor | None) -> Tensor:
         ``(B, ...)`` outputs in the order of this rank's original batch (detached in a process group:
         shuffling is meant for the key encoder, which takes no gradient).
     """
+    check_tensor(outputs, "outputs")
+    if restore is not None:
+        check_tensor(restore, "restore", ndim=1)
     if restore is None:
         return outputs
     return all_gather(outputs)[restore.view(get_world_size(), -1)[get_rank()]]
@@ -155,7 +161,7 @@ class MoCo(nn.Module):
             self.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.projector)
         self.momentum_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.queue = MomentumQueue(dim, queue_size)
+        self.queue = MomentumQueue(dim, check_int(queue_size, "queue_size", minimum=1))
         self.criterion = HardNegativeInfoNCE(
             temperature, hard_negative_weight, negatives_layout="DK", check_finite=check_finite
         )

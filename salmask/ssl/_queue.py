@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from salmask._defaults import QUEUE_SIZE
-from salmask._validation import check_int, check_tensor
+from salmask._validation import check_bool, check_int, check_tensor
 from salmask.distributed import all_gather
 
 __all__ = ["MomentumQueue"]
@@ -52,7 +52,7 @@ class MomentumQueue(nn.Module):
         super().__init__()
         self.dim = check_int(dim, "dim", minimum=1)
         self.size = check_int(size, "size", minimum=1)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
         self.register_buffer("keys", F.normalize(torch.randn(dim, size), dim=0))
         self.register_buffer("pointer", torch.zeros(1, dtype=torch.long))
 

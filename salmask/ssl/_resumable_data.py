@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Subset
 
 from salmask._storage import first_line
-from salmask._validation import check_choice, check_int
+from salmask._validation import check_bool, check_choice, check_int
 from salmask.distributed import get_rank, get_world_size
 
 __all__ = ["BAD_IMAGE_POLICIES", "BadImageError", "ResumableSampler", "SeededDataset"]
@@ -73,6 +73,13 @@ class ResumableSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
+        check_bool(shuffle, "shuffle")
+        check_bool(drop_last, "drop_last")
+        check_int(seed, "seed")
+        if num_replicas is not None:
+            check_int(num_replicas, "num_replicas", minimum=1)
+        if rank is not None:
+            check_int(rank, "rank", minimum=0)
         super().__init__(
             dataset,
             num_replicas=get_world_size() if num_replicas is None else num_replicas,

@@ -49,6 +49,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     CUDA states are restored for as many devices as both the saved state and this machine have, so a
     checkpoint written on a GPU machine still resumes on the CPU.
     """
+    if not isinstance(state, Mapping) or not {"torch", "numpy", "python"} <= set(state):
+        raise TypeError(f"state must be the dict get_rng_state returns, got {type(state).__name__}")
     torch.set_rng_state(state["torch"].cpu())
     cuda_states = list(state.get("cuda", []))
     if cuda_states and torch.cuda.is_available():

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from salmask._defaults import EMBEDDING_DIM, HARD_NEGATIVE_WEIGHT, TEMPERATURE
-from salmask._validation import check_step_views
+from salmask._validation import check_bool, check_step_views
 from salmask.losses import InfoNCEOutput, NTXentLoss
 from salmask.ssl._encoders import head_for
 
@@ -76,7 +76,7 @@ class SimCLR(nn.Module):
         super().__init__()
         self.feature_dim, projector = head_for(encoder, feature_dim, hidden_dim, dim, projector)
         self.dim = dim
-        self.hard_negative_grad = bool(hard_negative_grad)
+        self.hard_negative_grad = check_bool(hard_negative_grad, "hard_negative_grad")
         # Registered in this order (encoder, then head), which the optimizer's state in a checkpoint follows.
         self.encoder = encoder
         self.projector = projector

@@ -38,7 +38,9 @@ class StopSignal:
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)) -> None:
-        self.signals = signals
+        if not isinstance(signals, (tuple, list)) or not all(isinstance(signum, int) for signum in signals):
+            raise TypeError(f"signals must be a tuple of signal numbers (signal.SIGTERM, ...), got {signals!r}")
+        self.signals = tuple(signals)
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -84,6 +86,8 @@ def finite_or_raise(value: float, what: str, where: str = "") -> float:
         >>> finite_or_raise(1.5, "loss")
         1.5
     """
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"value must be a number (the {what} to check), got {type(value).__name__}")
     if not math.isfinite(value):
         location = f" at {where}" if where else ""
         raise FloatingPointError(f"{what} is {value}{location}; lower the learning rate or check the inputs")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from salmask._validation import check_int
+from salmask._validation import check_bool, check_int, check_mapping, check_module
 from salmask.distributed import get_rank, get_world_size, is_distributed
 from salmask.ssl._checkpoint import CheckpointError
 from salmask.ssl._rng import get_rng_state, set_rng_state
@@ -34,6 +34,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def _check_optional_states(optimizer: Any, scaler: Any) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
 
 
 def training_state(
@@ -64,8 +71,12 @@ def training_state(
         The checkpoint dict, including the random generators' states (:func:`get_rng_state`) of every rank.
         Under ``torch.distributed`` this gathers them, so every rank must call it (rank 0 then saves).
     """
+    check_module(model, "model")
+    check_mapping(config, "config")
+    check_mapping(metrics, "metrics", optional=True)
     for name, value in (("epoch", epoch), ("step", step)):
         check_int(value, name, minimum=0)
+    _check_optional_states(optimizer, scaler)
     rng = get_rng_state()
     per_rank = [rng]
     if is_distributed():
@@ -107,6 +118,8 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Any], so
         ...     print(str(error).split(": ", 1)[1])
         shapes differ: weight (4, 2) != (3, 2); bias (4,) != (3,)
     """
+    check_module(module, "module")
+    check_mapping(state_dict, "state_dict")
     module = _unwrap(module)
     expected = module.state_dict()
     missing = [key for key in expected if key not in state_dict]
@@ -154,7 +167,14 @@ def restore_training_state(
     Raises:
         CheckpointError: the model or optimizer state does not fit.
     """
+    check_mapping(checkpoint, "checkpoint")
+    check_module(model, "model")
+    _check_optional_states(optimizer, scaler)
+    check_bool(restore_rng, "restore_rng")
     source = f"checkpoint {checkpoint.get('path', '')}".rstrip()
+    missing = [key for key in ("model", "epoch", "step") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{source} lacks {missing}; pass what load_checkpoint returns")
     load_state_dict_checked(model, checkpoint["model"], source)
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler)):
         if target is None:

@@ -18,7 +18,16 @@ from salmask._defaults import (
     SALIENCY_THRESHOLD,
     SPATIAL_ONLY,
 )
-from salmask._validation import check_mask_ratio, check_mask_type_probs, check_saliency, check_views
+from salmask._validation import (
+    check_fraction,
+    check_generator,
+    check_mapping,
+    check_mask_ratio,
+    check_mask_type_probs,
+    check_patch_size,
+    check_saliency,
+    check_views,
+)
 from salmask.functional import apply_mask, draw_mask_params, high_pass
 from salmask.functional._masking import check_fill
 from salmask.saliency import SCDA
@@ -168,6 +177,8 @@ class MaskedViews(nn.Module):
             raise TypeError(f"hard_negatives must be a bool or None, got {type(hard_negatives).__name__}")
         if input_filter is not None and not isinstance(input_filter, HighPassFilter):
             raise TypeError(f"input_filter must be a HighPassFilter or None, got {type(input_filter).__name__}")
+        check_mapping(fill_options, "fill_options", optional=True)
+        check_mapping(hard_negative_fill_options, "hard_negative_fill_options", optional=True)
         setup = _STRATEGIES[strategy]
         self.strategy = strategy
         self.fill = setup.fill
@@ -199,19 +210,23 @@ class MaskedViews(nn.Module):
                     "input_filter=HighPassFilter(kernel_size, sigma)"
                 )
             self.fill_options = check_fill(self.fill, {**setup.fill_options, **(fill_options or {})})
-            self.hard_negative_fill_options = check_fill(
-                self.fill, {**setup.hard_negative_fill_options, **(hard_negative_fill_options or {})}
-            )
+            try:
+                self.hard_negative_fill_options = check_fill(
+                    self.fill, {**setup.hard_negative_fill_options, **(hard_negative_fill_options or {})}
+                )
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"hard_negative_fill_options: {error}") from error
         self.scda = scda
-        self.generator = generator
+        self.generator = check_generator(generator)
         self.mask_ratio = check_mask_ratio(mask_ratio)
         self.hard_negative_mask_ratio = check_mask_ratio(hard_negative_mask_ratio, "hard_negative_mask_ratio")
+        check_patch_size(patch_size)
         self.patch_size = patch_size
         self.mask_type_probs = check_mask_type_probs(mask_type_probs or setup.mask_type_probs)
         self.hard_negative_mask_type_probs = check_mask_type_probs(
-            hard_negative_mask_type_probs or mask_type_probs or setup.mask_type_probs
+            hard_negative_mask_type_probs or self.mask_type_probs, "hard_negative_mask_type_probs"
         )
-        self.saliency_threshold = saliency_threshold
+        self.saliency_threshold = check_fraction(saliency_threshold, "saliency_threshold")
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, hard_negatives={self.make_hard_negatives}"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -116,3 +119,36 @@ def test_debian_copy() -> None:
     assert len(test) == 10_000 and test.data.shape == (10_000, 28, 28)
     assert torch.equal(test.targets.bincount(), torch.full((10,), 1000))
     assert test.classes[test[0][1]] == "Ankle boot"
+
+
+def test_a_damaged_gzip_file_is_named(tmp_path: Path) -> None:
+    content = gzip.compress(idx_bytes(np.arange(20, dtype=np.uint8).reshape(4, 5)))
+    (tmp_path / "cut-idx2-ubyte.gz").write_bytes(content[:-12])
+    with pytest.raises(ValueError, match=r"cut-idx2-ubyte\.gz cannot be read as an IDX file: EOFError"):
+        read_idx(tmp_path / "cut-idx2-ubyte.gz")
+    (tmp_path / "garbage.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"garbage\.gz cannot be read as an IDX file"):
+        read_idx(tmp_path / "garbage.gz")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 4), min_size=1, max_size=3),
+    code=st.sampled_from([0x08, 0x0B, 0x0D]),
+    compressed=st.booleans(),
+    cut=st.integers(0, 64),
+    seed=st.integers(0, 2**16),
+)
+def test_read_idx_reads_back_any_array_and_names_any_truncated_file(shape, code, compressed, cut, seed):
+    import tempfile
+
+    values = np.random.default_rng(seed).integers(0, 100, size=shape).astype(np.float32)
+    content = idx_bytes(values, code)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / ("array.gz" if compressed else "array")
+        path.write_bytes(gzip.compress(content) if compressed else content)
+        assert torch.equal(read_idx(path).double(), torch.from_numpy(values).double())
+        damaged = gzip.compress(content)[: -1 - cut] if compressed else content[: max(0, len(content) - 1 - cut)]
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=re.escape(str(path))):
+            read_idx(path)

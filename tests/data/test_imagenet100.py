@@ -132,3 +132,16 @@ def test_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["--imagenet", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 1
     assert "missing does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["../outside", "../../outside", "n01749939/../../outside", "/tmp", "n0174993"])
+def test_classes_must_be_wordnet_ids_so_that_no_link_lands_outside_the_output(tmp_path: Path, bad: str) -> None:
+    imagenet = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        (imagenet / split / "n01749939").mkdir(parents=True)
+        (imagenet / split / "n01749939" / "a.JPEG").write_bytes(b"x")
+    (imagenet / "outside").mkdir()
+    (imagenet / "outside" / "b.JPEG").write_bytes(b"x")
+    with pytest.raises(ValueError, match=rf"classes must be WordNet ids .*{bad!r}"):
+        build_imagenet100(imagenet, tmp_path / "out" / "subset", classes=["n01749939", bad], progress=False)
+    assert not (tmp_path / "out").exists(), "nothing is created"
