@@ -63,6 +63,9 @@ def storable(value: Any, where: str) -> Any:
         if value.layout != torch.strided or value.device.type == "meta":
             raise TypeError(f"{where} is a {value.layout} tensor on {value.device}; store dense tensors with data")
         return value
+    if type(value) is bytes and not value:
+        # Pickled as a call of bytes(), which weights-only loading refuses.
+        raise ValueError(f"{where} is empty bytes, which torch.load(weights_only=True) cannot read back; store None")
     if type(value) in _LEAF_TYPES:
         return value
     if isinstance(value, np.generic) and not isinstance(value, (np.object_, np.void)):

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 from file_faults import flip_positions, same_content, tensor_records
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from salmask.ssl import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, training_state
@@ -122,6 +124,8 @@ def test_a_value_weights_only_loading_refuses_is_refused_at_save_time_by_name(tm
     for bad, kind in ((frozenset([1]), "frozenset"), (lambda: 0, "function"), (object(), "object")):
         with pytest.raises(TypeError, match=rf"checkpoint\['config'\]\['bad'\] holds a {kind}"):
             save_checkpoint({"model": {}, "epoch": 0, "step": 0, "config": {"bad": bad}}, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\['config'\]\['bad'\] is empty bytes"):
+        save_checkpoint({"model": {}, "epoch": 0, "step": 0, "config": {"bad": b""}}, tmp_path / "c.pt")
     assert not list(tmp_path.iterdir()), "nothing is written"
 
 
@@ -227,3 +231,62 @@ def test_a_disk_that_fills_up_while_writing_is_named_with_the_free_space(tmp_pat
     assert raised.value.errno == errno.ENOSPC
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
+
+
+# --- rules for every content -------------------------------------------------------------------------
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
+tensors = st.builds(
+    lambda dtype, shape, seed: (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 100).to(dtype),
+    st.sampled_from(_DTYPES),
+    st.lists(st.integers(0, 4), max_size=3),
+    st.integers(0, 2**16),
+)
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+    | st.binary(min_size=1, max_size=8)
+    | tensors
+)
+contents = st.recursive(
+    leaves,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def same_with_nan(first, second) -> bool:
+    if isinstance(first, float) and isinstance(second, float) and first != first:
+        return second != second
+    if isinstance(first, dict):
+        return (
+            isinstance(second, dict)
+            and list(first) == list(second)
+            and all(map(same_with_nan, first.values(), second.values()))
+        )
+    if isinstance(first, (list, tuple)):
+        return type(first) is type(second) and len(first) == len(second) and all(map(same_with_nan, first, second))
+    return same_content(first, second)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=contents, flip=st.integers(0, 2**31), bit=st.integers(0, 7))
+def test_any_content_loads_back_as_saved_and_a_flipped_bit_never_loads_as_other_content(tmp_path, content, flip, bit):
+    path = save_checkpoint({"model": {}, "epoch": 0, "step": 0, "config": {"value": content}}, tmp_path / "c.pt")
+    assert same_with_nan(load_checkpoint(path)["config"]["value"], content)
+    data = bytearray(path.read_bytes())
+    data[flip % len(data)] ^= 1 << bit
+    path.write_bytes(bytes(data))
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError as error:
+        assert "c.pt" in str(error)
+    else:
+        assert same_with_nan(loaded["config"]["value"], content)
