@@ -1,5 +1,6 @@
 """What the training and evaluation scripts share: logging per rank, seeding, the evaluation transform,
-the ordered loaders of evaluation, and the way a script ends.
+the train/ and val/ folders of an ImageFolder root with one numbering of the classes, the ordered loaders
+of evaluation, and the way a script ends.
 
 Each script runs with its own folder on ``sys.path`` and imports these with ``from _common import ...``.
 """
@@ -7,15 +8,18 @@ Each script runs with its own folder on ``sys.path`` and imports these with ``fr
 from __future__ import annotations
 
 import logging
+import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
+from torchvision import datasets
 from torchvision.transforms import v2
 
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
@@ -54,6 +58,45 @@ def evaluation_transform(size: int, resize: bool) -> v2.Compose:
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+class _FolderOfClasses(datasets.ImageFolder):
+    """An ImageFolder numbered by a given list of class names (another folder's) instead of its own."""
+
+    def __init__(self, root: Path, classes: Sequence[str], **options: Any) -> None:
+        self.given_classes = list(classes)
+        super().__init__(root, allow_empty=True, **options)
+
+    def find_classes(self, directory: str | os.PathLike[str]) -> tuple[list[str], dict[str, int]]:
+        return self.given_classes, {name: index for index, name in enumerate(self.given_classes)}
+
+
+def image_folder_splits(
+    root: str | os.PathLike[str], train_transform: Any, val_transform: Any
+) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """``root/train`` and ``root/val`` as ImageFolders whose labels are the same class names.
+
+    Each ImageFolder numbers its own class folders, so a ``val/`` that lacks one class would shift every
+    later label against ``train/``. Here ``val/`` is numbered by ``train/``'s classes: it may lack some
+    (logged), but a class that ``train/`` does not have ends the run with both lists.
+    """
+    root = Path(root)
+    train = datasets.ImageFolder(root / "train", transform=train_transform)
+    val_classes, _ = datasets.folder.find_classes(root / "val")
+    unknown = sorted(set(val_classes) - set(train.classes))
+    if unknown:
+        raise SystemExit(
+            f"--data: {root / 'val'} has classes that {root / 'train'} lacks: {unknown}; the classes of train/ are "
+            f"{train.classes}, those of val/ {val_classes}"
+        )
+    val = _FolderOfClasses(root / "val", train.classes, transform=val_transform)
+    absent = sorted(set(train.classes) - set(val_classes))
+    if absent:
+        logging.getLogger(__name__).warning(
+            "%s has no folder for %d of the %d classes of train/ (%s); it is labelled by class name",
+            root / "val", len(absent), len(train.classes), ", ".join(absent[:5]) + (", ..." if len(absent) > 5 else ""),
+        )  # fmt: skip
+    return train, val
 
 
 def ordered_loader(

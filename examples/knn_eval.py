@@ -15,8 +15,7 @@ import logging
 from pathlib import Path
 
 # The scripts' shared helpers: examples/_common.py (a script's own folder is on sys.path when it runs).
-from _common import evaluation_transform, finish, ordered_loader, run, setup_logging
-from torchvision import datasets
+from _common import evaluation_transform, finish, image_folder_splits, ordered_loader, run, setup_logging
 
 from salmask.data import SyntheticShapes
 from salmask.distributed import get_rank, init_distributed
@@ -79,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not (Path(data) / "train").is_dir():
             raise SystemExit(f"--data: {data} has no train/ folder (expected an ImageFolder root with train/ and val/)")
-        bank = datasets.ImageFolder(Path(data) / "train", transform=transform)
-        queries = datasets.ImageFolder(Path(data) / "val", transform=transform)
+        bank, queries = image_folder_splits(data, transform, transform)
         num_classes = len(bank.classes)
     workers = trained.get("workers", 4) if args.workers is None else args.workers
     loaders = [

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 # The scripts' shared helpers: examples/_common.py (a script's own folder is on sys.path when it runs).
-from _common import evaluation_transform, finish, ordered_loader, run, seed_everything, setup_logging
+from _common import (
+    evaluation_transform,
+    finish,
+    image_folder_splits,
+    ordered_loader,
+    run,
+    seed_everything,
+    setup_logging,
+)
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -178,8 +186,7 @@ def build_datasets(config: dict[str, Any]) -> tuple[Any, Any, int]:
         return train, test, train.num_classes
     train_transform, test_transform = transforms(size, resize=True)
     if name == "imagefolder":
-        train = datasets.ImageFolder(Path(root) / "train", transform=train_transform)
-        test = datasets.ImageFolder(Path(root) / "val", transform=test_transform)
+        train, test = image_folder_splits(root, train_transform, test_transform)
         return train, test, len(train.classes)
     if name == "flowers102":
         train = ConcatDataset(

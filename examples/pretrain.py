@@ -37,7 +37,15 @@ import torch
 import yaml
 
 # The scripts' shared helpers: examples/_common.py (a script's own folder is on sys.path when it runs).
-from _common import evaluation_transform, finish, ordered_loader, run, seed_everything, setup_logging
+from _common import (
+    evaluation_transform,
+    finish,
+    image_folder_splits,
+    ordered_loader,
+    run,
+    seed_everything,
+    setup_logging,
+)
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
@@ -364,8 +372,7 @@ def build_datasets(config: dict[str, Any]) -> tuple[Any, Any, Any, int]:
     else:
         train = datasets.ImageFolder(root / "train", transform=views)
     evaluation = evaluation_transform(config["image_size"], resize=True)
-    bank = datasets.ImageFolder(root / "train", transform=evaluation)
-    queries = datasets.ImageFolder(root / "val", transform=evaluation)
+    bank, queries = image_folder_splits(root, evaluation, evaluation)
     return train, bank, queries, len(bank.classes)
 
 

@@ -562,3 +562,42 @@ def test_every_script_evaluates_on_the_same_three_channel_images():
         assert image.shape[0] == 3 and (not resize or image.shape[1:] == (32, 32))
     train, test = script("linear_eval").transforms(32, resize=True)
     assert train(gray).shape == test(gray).shape == (3, 32, 32)
+
+
+# --- ImageFolder classes ---------------------------------------------------------------------------
+
+
+def make_split_folders(root: Path, train_classes: list[str], val_classes: list[str]) -> Path:
+    """train/ and val/ of random 40 px images; val's image i of a class is train's image i of that class."""
+    rng = np.random.default_rng(1)
+    pixels = {name: [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)] for name in train_classes}
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for index, image in enumerate(pixels.get(name) or pixels[train_classes[0]]):
+                Image.fromarray(image).save(root / split / name / f"{index}.png")
+    return root
+
+
+def test_evaluation_labels_val_images_by_class_name_when_val_lacks_a_class(moco_checkpoint, tmp_path, run_main):
+    # val/ lacks class "a": numbered on its own, "b" would be 0 and "c" 1, against train's 1 and 2.
+    root = make_split_folders(tmp_path, ["a", "b", "c"], ["b", "c"])
+    code, out, err = run_main("knn_eval", [str(moco_checkpoint[0]), "--data", str(root), "--k", "1"])
+    assert code == 0 and "kNN top-1: 100.00%" in out, out
+    assert "no folder for 1 of the 3 classes of train/ (a)" in err
+    _, bank, queries, num_classes = script("pretrain").build_datasets(
+        {**script("pretrain").defaults_for("moco", synthetic=False), "data": str(root), "saliency": "none"}
+    )
+    assert num_classes == 3 and queries.targets == [1, 1, 1, 2, 2, 2] and queries.classes == bank.classes
+    config = {"dataset": "imagefolder", "data": str(root), "image_size": 32}
+    _, test, num_classes = script("linear_eval").build_datasets(config)
+    assert num_classes == 3 and test.targets == [1, 1, 1, 2, 2, 2]
+
+
+def test_a_val_class_that_train_lacks_ends_the_run_with_both_lists(moco_checkpoint, tmp_path, run_main):
+    root = make_split_folders(tmp_path, ["a", "b"], ["a", "b", "z"])
+    message = r"val has classes that .*train lacks: \['z'\]; the classes of train/ are \['a', 'b'\], those of val/ "
+    with pytest.raises(SystemExit, match=message + r"\['a', 'b', 'z'\]"):
+        run_main("knn_eval", [str(moco_checkpoint[0]), "--data", str(root)])
+    with pytest.raises(SystemExit, match=message):
+        script("linear_eval").build_datasets({"dataset": "imagefolder", "data": str(root), "image_size": 32})
