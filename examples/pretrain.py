@@ -28,6 +28,9 @@ import argparse
 import inspect
 import json
 import logging
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,6 +59,7 @@ from tqdm import tqdm
 
 from salmask.data import SaliencyImageFolder, SyntheticShapes
 from salmask.distributed import get_rank, get_world_size, init_distributed
+from salmask.losses import HardNegativeInfoNCE
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_scda
 from salmask.ssl import (
     STRATEGIES,
@@ -280,6 +284,10 @@ def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, An
         if given.get("method", trained) != trained:
             raise SystemExit(f"--method {given['method']}: the checkpoint continues a {trained} run")
         config = {**checkpoint["config"], **{k: v for k, v in given.items() if k not in ("resume", "preset")}}
+        if "output_dir" not in given:
+            # The run continues beside its checkpoint: the recorded directory may be relative to another working
+            # directory, or, in a file from elsewhere, point anywhere.
+            config["output_dir"] = str(Path(given["resume"]).resolve().parent)
         source = f"the checkpoint {given['resume']}"
     else:
         data = given.get("data")
@@ -302,6 +310,10 @@ def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, An
         )
     if config.get("saliency_cache"):
         config["saliency"] = "cache"
+    # Recorded absolute, so that a run resumed from another working directory finds the same files.
+    for key in ("output_dir", "data", "saliency_cache"):
+        if isinstance(config.get(key), str) and config[key]:
+            config[key] = str(Path(config[key]).expanduser().resolve())
     if "warmup_epochs" not in given and config["warmup_epochs"] >= config["epochs"]:
         # A short run (--epochs 1) keeps the default warm-up from covering all of it.
         config["warmup_epochs"] = config["epochs"] // 10
@@ -310,15 +322,88 @@ def resolve_config(argv: list[str] | None) -> tuple[dict[str, Any], dict[str, An
 
 
 def check_config(config: dict[str, Any]) -> None:
+    """Every setting, before any work: a bad one must not cost a run (or its last epoch) first."""
+
     def fail(key: str, message: str) -> None:
         raise SystemExit(f"{flag(key)}: {message}")
 
-    for key in ("epochs", "batch_size", "image_size", "dim", "queue_size"):
-        if key in config and config[key] < 1:
-            fail(key, f"must be at least 1, got {config[key]}")
-    for key in ("workers", "knn_every", "log_every"):
-        if config[key] < (1 if key == "log_every" else 0):
-            fail(key, f"must be at least {1 if key == 'log_every' else 0}, got {config[key]}")
+    def integer(key: str, minimum: int) -> None:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(key, f"must be an int, got {value!r}")
+        if value < minimum:
+            fail(key, f"must be at least {minimum}, got {value}")
+
+    def number(key: str, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(key, f"must be a number, got {value!r}")
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (above and below and math.isfinite(value)):
+            bounds = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+            fail(key, f"must be a finite number in {bounds}, got {value}")
+
+    for key, choices in (
+        ("method", METHODS),
+        ("strategy", STRATEGIES),
+        ("saliency", ("scda", "cache", "truth", "none")),
+        ("on_bad_image", ("fail", "skip")),
+        ("batch_norm", ("shuffle", "sync", "local")),
+    ):
+        if key in config and config[key] not in choices:
+            fail(key, f"must be one of {choices}, got {config[key]!r}")
+    for key in ("epochs", "batch_size", "image_size", "dim", "queue_size", "log_every", "knn_k"):
+        if key in config:
+            integer(key, 1)
+    for key in ("workers", "knn_every", "warmup_epochs", "seed"):
+        integer(key, 0)
+    if config["data"] is None:
+        for key in ("synthetic_train_size", "synthetic_val_size"):
+            integer(key, 1)
+    if config["patch_size"] is not None:
+        integer("patch_size", 1)
+        if config["patch_size"] > config["image_size"]:
+            fail("patch_size", f"{config['patch_size']} is larger than the views ({config['image_size']} px)")
+    number("lr", 0.0, open_low=True)
+    number("momentum", 0.0, 1.0, open_high=True)
+    number("weight_decay", 0.0)
+    number("temperature", 0.0, open_low=True)
+    number("hard_negative_weight", 0.0, open_low=True)
+    number("knn_temperature", 0.0, open_low=True)
+    number("scda_threshold", -math.inf)
+    if "moco_momentum" in config:
+        number("moco_momentum", 0.0, 1.0)
+    try:
+        # The loss's own check: the logits must be finite in float32.
+        HardNegativeInfoNCE(config["temperature"], config["hard_negative_weight"])
+    except ValueError as error:
+        fail("temperature", str(error))
+    for key in ("mask_ratio", "hard_negative_ratio"):
+        value = config[key]
+        if not (
+            isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+        ):
+            fail(key, f"must be two numbers, low and high, got {value!r}")
+        if not 0 <= value[0] <= value[1] <= 1:
+            fail(key, f"must be 0 <= low <= high <= 1, got {list(value)}")
+    for key in ("small_images", "sync_batch_norm"):
+        if key in config and not isinstance(config[key], bool):
+            fail(key, f"must be true or false, got {config[key]!r}")
+    for key in ("hard_negatives", "amp", "channels_last"):
+        if config[key] is not None and not isinstance(config[key], bool):
+            fail(key, f"must be true, false or unset, got {config[key]!r}")
+    if config["strategy"] == "none" and config["hard_negatives"]:
+        fail("hard_negatives", "strategy 'none' masks nothing and makes no hard negatives")
+    if config["device"] != "auto":
+        try:
+            torch.device(config["device"])
+        except (RuntimeError, TypeError) as error:
+            fail("device", f"not a device: {error}")
+    output_dir = Path(config["output_dir"])
+    existing = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        fail("output_dir", f"{output_dir} cannot be written ({existing} is not a writable folder)")
     if not 0 <= config["warmup_epochs"] < config["epochs"]:
         fail("warmup_epochs", f"must be in [0, epochs={config['epochs']}), got {config['warmup_epochs']}")
     if config["batch_size"] % get_world_size():
@@ -329,8 +414,10 @@ def check_config(config: dict[str, Any]) -> None:
         fail("saliency", "'truth' exists only for the synthetic data (no --data)")
     if config["saliency"] == "cache" and not config.get("saliency_cache"):
         fail("saliency_cache", "--saliency cache needs the cache file")
-    if config["data"] is not None and not (Path(config["data"]) / "train").is_dir():
-        fail("data", f"{config['data']} has no train/ folder (expected an ImageFolder root with train/ and val/)")
+    if config["data"] is not None and not all((Path(config["data"]) / split).is_dir() for split in ("train", "val")):
+        fail("data", f"{config['data']} lacks train/ or val/ (expected an ImageFolder root with train/ and val/)")
+    if config["saliency"] == "cache" and not Path(config["saliency_cache"]).is_file():
+        fail("saliency_cache", f"{config['saliency_cache']} does not exist")
 
 
 def augmentation(method: str, size: int) -> v2.Compose:
@@ -431,6 +518,19 @@ def build_optimizer(config: dict[str, Any], model: torch.nn.Module) -> torch.opt
     )
 
 
+def check_room_for_checkpoints(output_dir: Path, model: torch.nn.Module) -> None:
+    """Stop before training when the disk cannot hold a checkpoint: the model's state and the optimizer's
+    momentum (one buffer per trained parameter)."""
+    tensors = [*model.state_dict().values(), *(p for p in model.parameters() if p.requires_grad)]
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise SystemExit(
+            f"--output-dir: {output_dir} has {free / 2**20:.1f} MB free; a checkpoint of this run takes about "
+            f"{needed / 2**20:.1f} MB: free some space or write elsewhere"
+        )
+
+
 class MetricsLog:
     """Rank 0 appends records to metrics.jsonl and, when TensorBoard is installed, to its event files."""
 
@@ -518,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
+    if rank == 0:
+        check_room_for_checkpoints(output_dir, model)
     # Per-step schedule: linear warm-up, then cosine to zero over the remaining steps.
     scheduler = CosineLRScheduler(
         optimizer,
@@ -537,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         start_epoch, start_step = restore_training_state(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler if same_schedule else None, scaler=scaler
         )
-        logger.info("resumed from %s at epoch %d, step %d", checkpoint["path"], start_epoch, start_step)
+        logger.info("resumed from %s in epoch %d after step %d", checkpoint["path"], start_epoch + 1, start_step)
     ddp_model = model
     if world_size > 1:
         options = {}
@@ -603,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                 scaler.update()
 
                 step += 1
-                loss = finite_or_raise(output.loss.item(), "the loss", f"epoch {epoch}, step {step}")
+                loss = finite_or_raise(output.loss.item(), "the loss", f"epoch {epoch + 1}, step {step}")
                 accuracy = 100.0 * (output.logits.argmax(1) == output.targets).float().mean().item()
                 loss_sum, accuracy_sum = loss_sum + loss, accuracy_sum + accuracy
                 progress.update(config["batch_size"])
@@ -611,26 +713,27 @@ def main(argv: list[str] | None = None) -> int:
                 if step % config["log_every"] == 0 or step == steps_per_epoch:
                     elapsed = time.perf_counter() - started
                     metrics.write(
-                        global_step + 1, epoch=epoch, step=step, loss=loss, instance_accuracy=accuracy,
+                        global_step + 1, epoch=epoch + 1, step=step, loss=loss, instance_accuracy=accuracy,
                         lr=optimizer.param_groups[0]["lr"],
                         images_per_s=(step - first_step) * config["batch_size"] / max(elapsed, 1e-9),
                     )  # fmt: skip
                 if stop.should_stop():
                     progress.close()
                     save(epoch, step, {"loss": loss})
-                    logger.info("stopped by signal at epoch %d, step %d; checkpoint written", epoch, step)
+                    logger.info("stopped by signal in epoch %d after step %d; checkpoint written", epoch + 1, step)
                     metrics.close()
                     return finish()
             progress.close()
 
             done_steps = max(step - first_step, 1)
-            record = {"epoch": epoch, "loss": loss_sum / done_steps, "instance_accuracy": accuracy_sum / done_steps}
+            record = {"epoch": epoch + 1, "loss": loss_sum / done_steps, "instance_accuracy": accuracy_sum / done_steps}
+            # The epoch is saved before it is evaluated: an evaluation that fails costs no training.
+            save(epoch + 1, 0, record)
             last_epoch = epoch + 1 == config["epochs"]
             if last_epoch or (config["knn_every"] and (epoch + 1) % config["knn_every"] == 0):
                 knn_accuracy = record["knn_top1"] = knn_monitor()
             logger.info("epoch %d: %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in record.items()}))
             metrics.write((epoch + 1) * steps_per_epoch, **record)
-            save(epoch + 1, 0, record)
 
     metrics.close()
     if knn_accuracy is None:

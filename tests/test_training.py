@@ -183,7 +183,7 @@ def test_a_finished_run_resumed_with_more_epochs_trains_them(moco_checkpoint, tm
     path, _ = moco_checkpoint
     code, out, err = run_main("pretrain", ["--resume", str(path), "--epochs", "2", "--output-dir", str(tmp_path)])
     assert code == 0
-    assert "resumed from" in err and "at epoch 1, step 0" in err
+    assert "resumed from" in err and "in epoch 2 after step 0" in err, "epochs are counted from 1 in the log"
     assert "schedule is recomputed for 2 epochs" in err
     extended = load_checkpoint(tmp_path / "checkpoint.pt")
     assert extended["epoch"] == 2 and extended["config"]["epochs"] == 2
@@ -348,7 +348,7 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     resumed = run_subprocess([str(EXAMPLES / "pretrain.py"), "--resume", str(interrupted_dir / "checkpoint.pt")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {interrupted_dir / 'checkpoint.pt'} at epoch 0, step {stopped['step']}" in resumed.stderr
+    assert f"resumed from {interrupted_dir / 'checkpoint.pt'} in epoch 1 after step {stopped['step']}" in resumed.stderr
     expected = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     finished = load_checkpoint(interrupted_dir / "checkpoint.pt")
     assert (finished["epoch"], finished["step"]) == (1, 0)
@@ -601,3 +601,97 @@ def test_a_val_class_that_train_lacks_ends_the_run_with_both_lists(moco_checkpoi
         run_main("knn_eval", [str(moco_checkpoint[0]), "--data", str(root)])
     with pytest.raises(SystemExit, match=message):
         script("linear_eval").build_datasets({"dataset": "imagefolder", "data": str(root), "image_size": 32})
+
+
+# --- settings checked before any work, saves before evaluations, where a run writes ------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--knn-k", "0"], "--knn-k"),
+        (["--knn-temperature", "0"], "--knn-temperature"),
+        (["--knn-temperature", "nan"], "--knn-temperature"),
+        (["--patch-size", "0"], "--patch-size"),
+        (["--patch-size", "64"], "--patch-size"),
+        (["--lr", "-0.1"], "--lr"),
+        (["--temperature", "1e-300"], "--temperature"),
+        (["--hard-negative-weight", "0"], "--hard-negative-weight"),
+        (["--momentum", "1.5"], "--momentum"),
+        (["--moco-momentum", "2"], "--moco-momentum"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--mask-ratio", "0.5", "0.2"], "--mask-ratio"),
+        (["--hard-negative-ratio", "0.4", "1.7"], "--hard-negative-ratio"),
+        (["--scda-threshold", "inf"], "--scda-threshold"),
+        (["--log-every", "0"], "--log-every"),
+        (["--seed", "-1"], "--seed"),
+        (["--synthetic-val-size", "0"], "--synthetic-val-size"),
+        (["--strategy", "none", "--hard-negatives"], "--hard-negatives"),
+        (["--device", "quantum"], "--device"),
+    ],
+)
+def test_a_bad_setting_stops_the_run_before_any_work(tmp_path, flags, named):
+    output = tmp_path / "run"
+    started = time.perf_counter()
+    with pytest.raises(SystemExit, match=re.escape(named)):
+        script("pretrain").main([*MOCO_TINY, "--output-dir", str(output), *flags])
+    assert not output.exists(), "nothing was written before the check"
+    assert time.perf_counter() - started < 5, "no data was built nor model trained"
+
+
+def test_an_unwritable_output_directory_stops_the_run_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"--output-dir: .*cannot be written"):
+        script("pretrain").main([*MOCO_TINY, "--output-dir", str(blocker / "run")])
+
+
+def test_the_last_epoch_is_saved_before_its_evaluation(tmp_path, run_main, monkeypatch):
+    def failing_monitor(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(script("pretrain"), "knn_top1", failing_monitor)
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        run_main("pretrain", [*MOCO_TINY, "--output-dir", str(tmp_path)])
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 0), "the trained epoch is kept"
+
+
+def test_epochs_are_counted_from_one_in_the_log_and_the_metrics(tmp_path, run_main):
+    code, _, err = run_main("pretrain", [*MOCO_TINY, "--output-dir", str(tmp_path), "--log-every", "1"])
+    assert code == 0
+    assert re.search(r'epoch 1: \{"epoch": 1, ', err), err[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {record["epoch"] for record in records} == {1}
+
+
+def test_a_resumed_run_writes_beside_its_checkpoint(moco_checkpoint, tmp_path, monkeypatch, run_main):
+    # A checkpoint moved elsewhere, whose recorded output directory is relative (another working directory)
+    # or was altered to point anywhere: the resumed run writes beside the checkpoint.
+    elsewhere = tmp_path / "elsewhere"
+    for recorded in ("outputs/relative_run", str(elsewhere)):
+        folder = tmp_path / f"moved-{len(recorded)}"
+        checkpoint = load_checkpoint(moco_checkpoint[0])
+        checkpoint["config"]["output_dir"] = recorded
+        save_checkpoint(checkpoint, folder / "checkpoint.pt")
+        monkeypatch.chdir(tmp_path)
+        code, _, _ = run_main("pretrain", ["--resume", f"{folder.name}/checkpoint.pt", "--epochs", "2"])
+        assert code == 0
+        resumed = load_checkpoint(folder / "checkpoint.pt")
+        assert resumed["epoch"] == 2 and (folder / "config.yaml").exists() and (folder / "metrics.jsonl").exists()
+        assert resumed["config"]["output_dir"] == str(folder.resolve()), "recorded as an absolute path"
+    assert not elsewhere.exists() and not (tmp_path / "outputs").exists()
+
+
+def test_new_runs_record_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config, _ = script("pretrain").resolve_config([*MOCO_TINY, "--output-dir", "runs/a"])
+    assert config["output_dir"] == str(tmp_path / "runs" / "a")
+
+
+def test_a_disk_without_room_for_a_checkpoint_stops_the_run_before_training(tmp_path, run_main, monkeypatch):
+    usage = type("Usage", (), {"total": 10**9, "used": 10**9 - 2**20, "free": 2**20})
+    monkeypatch.setattr("shutil.disk_usage", lambda folder: usage)
+    with pytest.raises(SystemExit, match=r"--output-dir: .* has 1\.0 MB free; a checkpoint of this run takes about"):
+        run_main("pretrain", [*MOCO_TINY, "--output-dir", str(tmp_path)])
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.jsonl").exists()
