@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         start_epoch, start_step = restore_training_state(
             resumed, model=model.fc, optimizer=optimizer, scheduler=scheduler
         )
-        logger.info("resumed from %s at epoch %d, step %d", resumed["path"], start_epoch, start_step)
+        logger.info("resumed from %s in epoch %d after step %d", resumed["path"], start_epoch + 1, start_step)
     ddp_model = model
     if world_size > 1:
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -331,21 +331,21 @@ def main(argv: list[str] | None = None) -> int:
                 loss.backward()
                 optimizer.step()
                 step += 1
-                loss_value = finite_or_raise(loss.item(), "the loss", f"epoch {epoch}, step {step}")
+                loss_value = finite_or_raise(loss.item(), "the loss", f"epoch {epoch + 1}, step {step}")
                 loss_sum += loss_value
                 progress.update()
                 progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
                 if stop.should_stop():
                     progress.close()
                     save(epoch, step, {"loss": loss_value})
-                    logger.info("stopped by signal at epoch %d, step %d; checkpoint written", epoch, step)
+                    logger.info("stopped by signal in epoch %d after step %d; checkpoint written", epoch + 1, step)
                     if metrics_file is not None:
                         metrics_file.close()
                     return finish()
             progress.close()
             top1, top5 = evaluate(model, test_loader, device)
             record = {
-                "epoch": epoch,
+                "epoch": epoch + 1,
                 "loss": loss_sum / max(step - first_step, 1),
                 "top1": top1,
                 "top5": top5,

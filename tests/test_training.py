@@ -260,6 +260,8 @@ def test_linear_eval_applies_the_high_pass_filter_of_a_high_pass_checkpoint(moco
     args = [str(path), "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path)]
     code, out, err = run_main("linear_eval", args)
     assert code == 0
+    assert re.search(r'epoch 1: \{"epoch": 1, ', err), "epochs are counted from 1 in the log"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
     assert "applying HighPassFilter(kernel_size=11, sigma=5.0) to every input" in err
     assert "input filter: high-pass" in out and "linear top-1:" in out
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -267,7 +269,7 @@ def test_linear_eval_applies_the_high_pass_filter_of_a_high_pass_checkpoint(moco
     assert set(resumed["model"]) == {"weight", "bias"}, "only the linear layer trains"
     code, out, err = run_main("linear_eval", ["--resume", str(tmp_path / "checkpoint.pt"), "--epochs", "2"])
     assert code == 0
-    assert "at epoch 1, step 0" in err and "applying HighPassFilter" in err and "2 epochs" in out
+    assert "in epoch 2 after step 0" in err and "applying HighPassFilter" in err and "2 epochs" in out
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
 
 
