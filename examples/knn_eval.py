@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         for dataset in (bank, queries)
     ]
+    # Features of a large bank take minutes: a bar per pass (bank, then validation images) on rank 0.
     top1 = knn_top1(
-        encoder, *loaders, num_classes, k=args.k, temperature=args.temperature, device=device, transform=input_filter
-    )
+        encoder, *loaders, num_classes, k=args.k, temperature=args.temperature, device=device, transform=input_filter,
+        progress=rank == 0,
+    )  # fmt: skip
     if rank == 0:
         print(
             f"kNN top-1: {top1:.2f}% (k={args.k}, T={args.temperature}, {len(bank)} bank and {len(queries)} "

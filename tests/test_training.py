@@ -287,6 +287,7 @@ def test_knn_eval_reproduces_the_monitor_of_pretraining(moco_checkpoint, run_mai
     code, out, err = run_main("knn_eval", [str(path)])
     assert code == 0
     assert "applying HighPassFilter" in err
+    assert re.search(r"features: 100%.* 1/1 ", err), "a progress bar for each pass over the images"
     assert float(KNN_LINE.search(out).group(1)) == pytest.approx(knn, abs=1e-6)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,15 @@ def _check_loader(loader: Any, name: str) -> None:
         )
 
 
+def _with_progress(loader: Iterable[Any]) -> Iterable[Any]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return loader
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return tqdm(loader, total=total, desc="features", unit="batch", file=sys.stderr, dynamic_ncols=True)
+
+
 def _first_tensor(batch: Any) -> tuple[Tensor, Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise ValueError("the loader must yield (images, labels) batches")
@@ -42,6 +52,7 @@ def extract_features(
     transform: Callable[[Tensor], Tensor] | None = None,
     channels_last: bool = False,
     autocast: bool = False,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """L2-normalised features and labels of every image a loader serves, in the dataset's order.
 
@@ -58,6 +69,7 @@ def extract_features(
             :class:`~salmask.HighPassFilter` for an encoder pretrained on high-pass filtered views.
         channels_last: convert batches to channels-last memory format (for a channels-last encoder).
         autocast: run the encoder under ``torch.autocast`` on ``device``'s type.
+        progress: show a progress bar of the batches on stderr (when tqdm is installed); pass it on one rank.
 
     Returns:
         ``(features, labels)``: ``(N, D)`` float32 unit vectors and ``(N,)`` int64 labels, on ``device``.
@@ -78,6 +90,7 @@ def extract_features(
     check_callable(transform, "transform")
     check_bool(channels_last, "channels_last")
     check_bool(autocast, "autocast")
+    check_bool(progress, "progress")
     world_size = get_world_size()
     sampler = getattr(loader, "sampler", None)
     if world_size > 1 and (not isinstance(sampler, DistributedSampler) or sampler.shuffle):
@@ -93,7 +106,7 @@ def extract_features(
     encoder.eval()
     features, labels = [], []
     try:
-        for batch in loader:
+        for batch in _with_progress(loader) if progress else loader:
             images, targets = _first_tensor(batch)
             images = images.to(device, non_blocking=True)
             if transform is not None:
@@ -228,7 +241,7 @@ def knn_top1(
         k: neighbours (200).
         temperature: weight temperature (0.1).
         chunk_size: queries per block in :func:`knn_predict`.
-        **extract_options: ``device``, ``transform``, ``channels_last``, ``autocast`` for
+        **extract_options: ``device``, ``transform``, ``channels_last``, ``autocast``, ``progress`` for
             :func:`extract_features`.
 
     Returns:
