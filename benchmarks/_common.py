@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The committed results; report.py --quick points the scripts elsewhere through this variable.
+RESULTS_DIR = Path(os.environ.get("SALMASK_BENCHMARK_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def synchronize(device: torch.device) -> None:
@@ -103,7 +104,8 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def write_report(name: str, title: str, command: str, device: torch.device, sections: list[str]) -> Path:
-    """Write ``benchmarks/results/<name>.md`` with the machine and the command that produced it."""
+    """Write ``<results>/<name>.md`` (``benchmarks/results`` unless ``SALMASK_BENCHMARK_RESULTS`` names another
+    folder) with the machine and the command that produced it."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.md"
     body = [f"# {title}", "", f"Command: `{command}`", "", f"Machine: {machine_description(device)}", ""]

@@ -137,7 +137,7 @@ def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
     if not path.is_file():
         print(f"ablation encoder skipped: {path} not found (run benchmarks/ablation.py first)")
         return None
-    state = torch.load(path)
+    state = torch.load(path, weights_only=True)
     encoder = build_encoder("resnet18")
     encoder.load_state_dict(state["encoder"])
     projector = projection_head(encoder.num_features)
