@@ -203,6 +203,7 @@ def test_moco_with_amp_and_channels_last_on_cuda(tmp_path, run_main):
 
 def test_flags_override_a_preset(tmp_path):
     (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()  # the kNN monitor's queries: checked with the other settings
     config, _ = script("pretrain").resolve_config(
         ["--preset", "in100_moco_blur", "--data", str(tmp_path), "--lr", "0.1"]
     )

@@ -55,7 +55,7 @@ def encoder_state_dict(checkpoint: Mapping[str, Any], prefix: str = "encoder.") 
     weights = {key.removeprefix(prefix): value for key, value in checkpoint["model"].items() if key.startswith(prefix)}
     if not weights:
         raise CheckpointError(
-            f"checkpoint {checkpoint.get('path', '')} holds no weights under prefix {prefix!r}; is it a MoCo or "
+            f"checkpoint {checkpoint.get('path', '')} holds no weights under {prefix!r} (prefix); is it a MoCo or "
             "SimCLR pretraining checkpoint?"
         )
     return weights
