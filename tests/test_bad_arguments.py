@@ -492,6 +492,8 @@ ANY_VALUE: dict[tuple[str, ...], str] = {
     ("load_state_dict_checked", "source"): "text for the message; any object prints",
     ("SCDA", "name"): "a label recorded in cache headers; any object prints",
     ("finite_or_raise", "value", "nan"): "a NaN is what it reports, with FloatingPointError",
+    # Not run: torchvision reads any other weights object as its ImageNet weights, which it would download.
+    ("build_encoder", "weights", "type"): "build_encoder passes weights to torchvision unchecked (not run: a download)",
 }
 
 # Arguments still taken without a check: each case fails until its check exists (strict), then the entry goes.
@@ -506,8 +508,8 @@ NOT_CHECKED_YET: dict[tuple[str, str], str] = {
         for argument in ("dim", "hidden_dim")
     },
     **{
-        ("build_encoder", argument): "build_encoder passes its flags and weights to torchvision unchecked"
-        for argument in ("small_images", "zero_init_residual", "weights")
+        ("build_encoder", argument): "build_encoder passes its flags to torchvision unchecked"
+        for argument in ("small_images", "zero_init_residual")
     },
     ("projection_head", "batch_norm"): "projection_head takes batch_norm with bool()",
     ("build_backbone", "weights"): "build_backbone reports an unknown weights object without naming weights",
