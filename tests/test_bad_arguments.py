@@ -97,7 +97,7 @@ def idx_file(path: Path) -> Path:
 
 
 class Environment:
-    """Valid arguments of every public callable, made once per test session in a temporary folder."""
+    """Valid arguments of every public callable, made once for the module in a temporary folder."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
