@@ -18,6 +18,7 @@ from salmask._defaults import (
     SALIENCY_THRESHOLD,
     SPATIAL_ONLY,
 )
+from salmask._generators import generator_in_process, picklable_state
 from salmask._validation import check_mask_ratio, check_mask_type_probs, check_saliency, check_views
 from salmask.functional import apply_mask, draw_mask_params, high_pass
 from salmask.functional._masking import check_fill
@@ -121,7 +122,9 @@ class MaskedViews(nn.Module):
         input_filter: the high-pass filter of ``"high_pass"`` and ``"mscn"`` (default: the release's,
             kernel 11 and sigma 5); the other strategies feed unfiltered views.
         saliency_threshold: mean saliency a patch needs to count as foreground.
-        generator: source of randomness of every mask and noise draw; ``None`` uses torch's global one.
+        generator: source of randomness of every mask and noise draw; ``None`` uses torch's global one. In
+            a DataLoader worker (:class:`ThreeViews`) the worker's copy is re-seeded once from its state and
+            the worker's seed, so workers draw different masks.
 
     Attributes:
         input_filter: the :class:`~salmask.HighPassFilter` every view goes through (``None`` for the
@@ -216,6 +219,10 @@ class MaskedViews(nn.Module):
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, hard_negatives={self.make_hard_negatives}"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A generator pickles as plain bytes, so the module reaches spawned DataLoader workers.
+        return picklable_state(self.__dict__)
+
     @property
     def needs_saliency(self) -> bool:
         """Whether ``forward`` needs saliency (passed in, or from ``scda``) for the query or the key."""
@@ -281,7 +288,7 @@ class MaskedViews(nn.Module):
             return MaskedViewsOutput(query, key, None, None, None, None)
 
         query_saliency, key_saliency = self._saliency(query, key, query_saliency, key_saliency)
-        common: dict[str, Any] = {"patch_size": self.patch_size, "generator": self.generator}
+        common: dict[str, Any] = {"patch_size": self.patch_size, "generator": generator_in_process(self.generator)}
         query_params = draw_mask_params(
             query.shape,
             query_saliency if self.saliency_guided else None,
