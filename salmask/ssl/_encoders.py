@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import urllib.parse
+from pathlib import Path
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
 
 from salmask._defaults import EMBEDDING_DIM
+from salmask._downloads import torchvision_state_dict
 from salmask._validation import check_choice, check_int
 
 __all__ = ["RESNETS", "build_encoder", "feature_dim_of", "projection_head"]
@@ -41,7 +45,9 @@ def build_encoder(
             stem for CIFAR-sized (32-64 px) images, which the 224 px stem would shrink to a few pixels.
             The new stem is freshly initialised even when ``weights`` are given.
         weights: torchvision weights (enum or name) to start from, e.g. for transfer; ``None`` for random
-            initialisation, as in self-supervised pretraining.
+            initialisation, as in self-supervised pretraining. Weights that are not in torch's cache and
+            whose host cannot be reached fail at once (:class:`~salmask.saliency.WeightsUnavailableError`,
+            naming the file to put there).
         zero_init_residual: start every residual branch at zero (torchvision's option).
 
     Returns:
@@ -55,7 +61,15 @@ def build_encoder(
         (512, torch.Size([2, 512]))
     """
     check_choice(name, "name", RESNETS)
-    model = torchvision.models.get_model(name, weights=weights, zero_init_residual=zero_init_residual)
+    model = torchvision.models.get_model(name, weights=None, zero_init_residual=zero_init_residual)
+    if weights is not None:
+        weights = torchvision.models.get_model_weights(name).verify(weights)
+        file_name = Path(urllib.parse.urlsplit(weights.url).path).name
+        fix = (
+            f"copy {file_name} ({weights.url}) into {Path(torch.hub.get_dir()) / 'checkpoints'}, or build with "
+            "weights=None and load a state dict file into the encoder"
+        )
+        model.load_state_dict(torchvision_state_dict(weights, f"the {weights} weights of {name!r}", fix))
     if small_images:
         stem_channels = model.conv1.out_channels
         model.conv1 = nn.Conv2d(3, stem_channels, kernel_size=3, stride=1, padding=1, bias=False)

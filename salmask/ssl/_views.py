@@ -105,7 +105,9 @@ class MaskedViews(nn.Module):
 
     Args:
         strategy: one of ``STRATEGIES``, see above.
-        scda: localization network computing saliency on the fly when none is passed to ``forward``.
+        scda: localization network computing saliency on the fly when none is passed to ``forward``: an
+            :class:`~salmask.SCDA`, or what it takes as its backbone (a torchvision or timm classification
+            model, a module or a callable returning feature maps), wrapped in ``SCDA`` with its defaults.
         hard_negatives: make hard negatives; default ``True`` for the saliency-guided strategies, ``False``
             for ``"mscn"`` (which then needs saliency) and ``"none"`` (which cannot make them).
         mask_ratio: alpha, the fraction of the patch grid masked in the query, fixed or a ``(low, high)`` range
@@ -149,7 +151,7 @@ class MaskedViews(nn.Module):
         self,
         strategy: str = "high_pass",
         *,
-        scda: SCDA | None = None,
+        scda: SCDA | nn.Module | Callable[[Tensor], Any] | None = None,
         hard_negatives: bool | None = None,
         mask_ratio: float | tuple[float, float] = MASK_RATIO,
         hard_negative_mask_ratio: float | tuple[float, float] = HARD_NEGATIVE_MASK_RATIO,
@@ -166,7 +168,12 @@ class MaskedViews(nn.Module):
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if scda is not None and not isinstance(scda, SCDA):
-            raise TypeError(f"scda must be a salmask SCDA module or None, got {type(scda).__name__}")
+            if not callable(scda):
+                raise TypeError(
+                    "scda must be an SCDA, a model or callable SCDA accepts as its backbone, or None, got "
+                    f"{type(scda).__name__}"
+                )
+            scda = SCDA(scda)
         if hard_negatives is not None and not isinstance(hard_negatives, bool):
             raise TypeError(f"hard_negatives must be a bool or None, got {type(hard_negatives).__name__}")
         if input_filter is not None and not isinstance(input_filter, HighPassFilter):
