@@ -695,3 +695,12 @@ def test_memory_bank_settings_are_checked():
 def test_a_batch_of_one_has_the_bank_to_contrast_with():
     loss = NTXentLoss(memory_bank_size=(4, 3))(torch.randn(1, 3), torch.randn(1, 3))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.cuda
+def test_the_memory_bank_follows_the_embeddings_to_the_gpu():
+    criterion = NTXentLoss(memory_bank_size=(8, 4))  # built without .to(device), as lightly's loops build it
+    query = torch.randn(2, 4, device="cuda", requires_grad=True)
+    loss = criterion(query, torch.randn(2, 4, device="cuda"))
+    assert loss.device.type == "cuda" and criterion.memory_bank.keys.device.type == "cuda"
+    assert int(criterion.memory_bank.pointer) == 2
