@@ -3,15 +3,18 @@
 A training loop in the style of lightly's MoCo example (``MoCoProjectionHead``, ``update_momentum``,
 ``cosine_schedule``, ``NTXentLoss`` with a memory bank). lightly's view transforms cannot carry a
 saliency map, so the two views come from salmask's ``TwoViews`` (torchvision v2, the map cropped with
-each view) and ``MaskedViews`` masks the query once per step, on the device; the rest is lightly's::
+each view) and ``MaskedViews`` masks the query and makes the hard negatives once per step, on the
+device::
 
     pip install 'salmask[lightly]'
     python examples/lightly_moco.py                  # synthetic shapes at 32 px, on the CPU
     python examples/lightly_moco.py --strategy blur --epochs 10 --device cuda
 
-The loss is lightly's ``NTXentLoss`` at MoCo v2's temperature, 0.2 (lightly's default is SimCLR's 0.5):
-the positives are masked, the hard negatives of the paper need a loss that takes them
-(``salmask.HardNegativeInfoNCE``), so ``MaskedViews`` is told not to make them here.
+The loss is salmask's ``NTXentLoss`` built as lightly's is, ``NTXentLoss(temperature=...,
+memory_bank_size=(K, 128))``: the one line that changes in a lightly loop is its import. It computes what
+lightly's loss computes, with the memory bank inside, and also takes each image's hard negative (the key
+view with its foreground masked, embedded by the momentum branch). The temperature here is MoCo v2's
+0.2, salmask's default; lightly's default is SimCLR's 0.5.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import copy
 import sys
 
 import torch
-from lightly.loss import NTXentLoss
 from lightly.models.modules.heads import MoCoProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from salmask.data import SyntheticShapes
+from salmask.losses import NTXentLoss  # in a lightly loop: was `from lightly.loss import NTXentLoss`
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
 from salmask.ssl import MaskedViews, MaskedViewsOutput, TwoViews, build_encoder
 
@@ -73,14 +76,17 @@ def training_step(
     momentum: float,
     device: torch.device,
 ) -> tuple[torch.Tensor, MaskedViewsOutput]:
-    """One step's loss: lightly's momentum update, salmask's masking of the query, lightly's loss."""
+    """One step's loss: lightly's momentum update, salmask's masking, the loss with hard negatives."""
     (query, query_saliency, key, key_saliency), _ = batch
     update_momentum(model.backbone, model.backbone_momentum, m=momentum)
     update_momentum(model.projection_head, model.projection_head_momentum, m=momentum)
     views = masker(query.to(device), key.to(device), query_saliency.to(device), key_saliency.to(device))
     embedded_query = model(views.query)
     embedded_key = model.forward_momentum(views.key)
-    return criterion(embedded_query, embedded_key), views
+    # Hard negatives go through the key (momentum) branch, without gradient, and never enter the bank;
+    # the mscn and none strategies make none (the loss is then lightly's).
+    embedded_hard = None if views.hard_negatives is None else model.forward_momentum(views.hard_negatives)
+    return criterion(embedded_query, embedded_key, embedded_hard, views.hard_negative_valid), views
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--synthetic-size", type=int, default=1024, help="synthetic training images (default 1024)")
     add("--image-size", type=int, default=32, help="side of the views (default 32)")
     add("--batch-size", type=int, default=64, help="batch size (default 64)")
-    add("--queue-size", type=int, default=4096, help="lightly's memory bank size, MoCo's K (default 4096)")
-    add("--temperature", type=float, default=0.2, help="tau (default 0.2, MoCo v2's)")
+    add("--queue-size", type=int, default=4096, help="memory bank size, MoCo's K (default 4096)")
+    add("--temperature", type=float, default=0.2, help="tau (default 0.2, MoCo v2's; lightly's default is 0.5)")
     add("--epochs", type=int, default=2, help="epochs (default 2)")
     add("--lr", type=float, default=0.06, help="SGD learning rate (default 0.06)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available")
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True)
     backbone = build_encoder("resnet18", small_images=args.image_size < 96)
     model = MoCoModel(backbone, backbone.num_features).to(device)
-    masker = MaskedViews(args.strategy, patch_size=max(1, args.image_size // 7), hard_negatives=False).to(device)
+    masker = MaskedViews(args.strategy, patch_size=max(1, args.image_size // 7)).to(device)
     criterion = NTXentLoss(temperature=args.temperature, memory_bank_size=(args.queue_size, 128))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
 

@@ -159,6 +159,27 @@ def check_mask_type_probs(mask_type_probs: Any, name: str = "mask_type_probs") -
     return {mask_type: float(probability) for mask_type, probability in mask_type_probs.items()}
 
 
+def check_memory_bank_size(value: Any) -> tuple[int, int] | None:
+    """A memory bank's ``(K, D)`` (keys, embedding size), or ``None`` for no bank (also given as ``0``).
+
+    The ``(K, D)`` form is lightly's ``memory_bank_size``; a bare K > 0 is refused, as lightly refuses it,
+    because the bank is allocated before any embedding shows its size.
+    """
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, Sequence)) or isinstance(value, str):
+        raise TypeError(f"memory_bank_size must be a (K, D) pair of ints, 0 or None, got {type(value).__name__}")
+    if isinstance(value, int):
+        raise ValueError(
+            f"memory_bank_size must be (K, D), the number of keys and the embedding size, e.g. ({value}, 128); "
+            f"got {value} alone"
+        )
+    if len(value) != 2:
+        raise ValueError(f"memory_bank_size must be a (K, D) pair, got {tuple(value)!r}")
+    size, dim = value
+    return check_int(size, "memory_bank_size[0] (K)", minimum=1), check_int(dim, "memory_bank_size[1] (D)", minimum=1)
+
+
 def check_kernel(kernel_size: Any, sigma: Any) -> None:
     """A Gaussian kernel: an odd positive length and a positive, finite sigma."""
     check_int(kernel_size, "kernel_size", minimum=1)

@@ -35,6 +35,7 @@ from salmask._defaults import (
     SALIENCY_THRESHOLD,
     SPATIAL_ONLY,
 )
+from salmask._generators import generator_in_process, picklable_state
 from salmask._validation import (
     check_bool,
     check_fraction,
@@ -115,7 +116,9 @@ class SaliencyMask(Transform):
         saliency_threshold: mean saliency a patch needs to count as foreground.
         p: probability that an image is masked.
         same_on_batch: draw one set of parameters for the whole batch.
-        generator: source of randomness; ``None`` uses torch's global generator.
+        generator: source of randomness; ``None`` uses torch's global generator. In each DataLoader worker
+            the transform's copy of it is re-seeded once from its state and the worker's seed, so workers
+            draw different masks, reproducibly for a seeded DataLoader.
         inplace: write into the input image instead of a new tensor.
         check_values: reject non-finite images: one pass over the image (and, on an accelerator, a host
             synchronisation per call); skipped where values cannot be read (meta tensors, tracing). Turn it
@@ -176,6 +179,14 @@ class SaliencyMask(Transform):
         self.check_values = check_bool(check_values, "check_values")
         self.last_params: dict[str, Tensor] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A generator pickles as plain bytes, so the transform reaches spawned DataLoader workers.
+        return picklable_state(self.__dict__)
+
+    @property
+    def _generator(self) -> torch.Generator | None:
+        return generator_in_process(self.generator)
+
     def check_inputs(self, flat_inputs: list[Any]) -> None:
         for inpt in flat_inputs:
             if isinstance(inpt, PIL.Image.Image):
@@ -216,7 +227,7 @@ class SaliencyMask(Transform):
             p=self.p,
             same_on_batch=self.same_on_batch,
             device=image.device,
-            generator=self.generator,
+            generator=self._generator,
         )
         self.last_params = params
         return params
@@ -234,7 +245,7 @@ class SaliencyMask(Transform):
             self.fill,
             patch_size=self.patch_size,
             hard_negative=self.hard_negative,
-            generator=self.generator,
+            generator=self._generator,
             inplace=self.inplace,
             check_finite=self.check_values,
             **self.fill_options,
@@ -320,7 +331,7 @@ class HighPassMask(SaliencyMask):
             "noise",
             patch_size=self.patch_size,
             hard_negative=self.hard_negative,
-            generator=self.generator,
+            generator=self._generator,
             inplace=True,
             check_finite=self.check_values,
             std=noise_std,

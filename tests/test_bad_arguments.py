@@ -317,6 +317,7 @@ class Environment:
                 {"encoder": nn.Flatten(), "loader": loader, "device": "cpu", "transform": None, "autocast": False},
             ),
             "feature_dim_of": (salmask.ssl.feature_dim_of, {"encoder": TinyEncoder(), "feature_dim": None}),
+            "without_classifier": (salmask.ssl.without_classifier, {"model": TinyEncoder()}),
             "finite_or_raise": (salmask.ssl.finite_or_raise, {"value": 1.0, "what": "the loss", "where": "step 1"}),
             "get_rng_state": (salmask.ssl.get_rng_state, {}),
             "input_filter_of": (salmask.ssl.input_filter_of, {"config": {"strategy": "high_pass"}, "enabled": None}),

@@ -698,3 +698,80 @@ def test_hard_negatives_that_are_all_invalid_change_nothing(batch, dim, num_hard
         criterion(inputs["query"], inputs["key"], inputs["negatives"], inputs["hard"], invalid),
         criterion(inputs["query"], inputs["key"], inputs["negatives"]),
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory bank inside the loss (MoCo's queue, lightly's memory_bank_size)
+
+
+@pytest.mark.parametrize("form", ["infonce", "ntxent"])
+def test_a_memory_bank_gives_the_loss_against_the_bank_then_enqueues_the_normalised_keys(form):
+    inputs = random_inputs(4, 6, 1, 2, seed=29, dtype=torch.float32)
+    query = inputs["query"].requires_grad_(True)
+    key, hard, valid = inputs["key"], inputs["hard"], inputs["valid"]
+    loss_class = HardNegativeInfoNCE if form == "infonce" else NTXentLoss
+    criterion = loss_class(0.3, 1.5, reduction="none", memory_bank_size=(10, 6))
+    bank_before = criterion.memory_bank.keys.clone()
+    loss = criterion(query, key, hard_negatives=hard, hard_negative_valid=valid)
+    expected = reference_infonce(query, key, bank_before.t(), hard, valid, 0.3, 1.5)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(criterion.memory_bank.keys[:, :4], F.normalize(key, dim=1).t())
+    torch.testing.assert_close(criterion.memory_bank.keys[:, 4:], bank_before[:, 4:], rtol=0, atol=0)
+    assert int(criterion.memory_bank.pointer) == 4
+    loss.sum().backward()
+    assert query.grad is not None and torch.isfinite(query.grad).all()
+
+
+def test_the_memory_bank_stays_as_it_is_without_gradient_or_in_eval_mode():
+    inputs = random_inputs(4, 6, 1, 1, seed=30, dtype=torch.float32)
+    criterion = HardNegativeInfoNCE(memory_bank_size=(8, 6))
+    bank = criterion.memory_bank.keys.clone()
+    criterion(inputs["query"], inputs["key"])  # the query carries no gradient: a validation pass
+    query = inputs["query"].clone().requires_grad_(True)
+    with torch.no_grad():
+        criterion(query, inputs["key"])
+    criterion.eval()
+    criterion(query, inputs["key"])
+    assert torch.equal(criterion.memory_bank.keys, bank) and int(criterion.memory_bank.pointer) == 0
+
+
+def test_the_memory_bank_is_saved_with_the_loss_and_never_holds_hard_negatives():
+    inputs = random_inputs(2, 4, 1, 3, seed=31, dtype=torch.float32)
+    criterion = NTXentLoss(memory_bank_size=(6, 4))
+    criterion(inputs["query"].requires_grad_(True), inputs["key"], inputs["hard"])
+    assert int(criterion.memory_bank.pointer) == 2, "two keys in, not the six hard negatives"
+    restored = NTXentLoss(memory_bank_size=(6, 4))
+    restored.load_state_dict(criterion.state_dict())
+    assert torch.equal(restored.memory_bank.keys, criterion.memory_bank.keys)
+    assert "memory_bank_size=(6, 4)" in repr(criterion)
+
+
+def test_memory_bank_settings_are_checked():
+    with pytest.raises(ValueError, match=r"memory_bank_size must be \(K, D\).*\(4096, 128\)"):
+        NTXentLoss(memory_bank_size=4096)
+    with pytest.raises(TypeError, match="memory_bank_size"):
+        HardNegativeInfoNCE(memory_bank_size="4096")
+    with pytest.raises(ValueError, match=r"memory_bank_size\[1\]"):
+        HardNegativeInfoNCE(memory_bank_size=(16, 0))
+    with pytest.raises(ValueError, match="symmetric_hard_negatives"):
+        NTXentLoss(memory_bank_size=(16, 8), symmetric_hard_negatives=True)
+    assert NTXentLoss(memory_bank_size=0).memory_bank is None
+    criterion = HardNegativeInfoNCE(memory_bank_size=(16, 8))
+    with pytest.raises(ValueError, match="do not pass negatives"):
+        criterion(torch.randn(2, 8), torch.randn(2, 8), torch.randn(16, 8))
+    with pytest.raises(ValueError, match=r"D=8.*size 5"):
+        criterion(torch.randn(2, 5), torch.randn(2, 5))
+
+
+def test_a_batch_of_one_has_the_bank_to_contrast_with():
+    loss = NTXentLoss(memory_bank_size=(4, 3))(torch.randn(1, 3), torch.randn(1, 3))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.cuda
+def test_the_memory_bank_follows_the_embeddings_to_the_gpu():
+    criterion = NTXentLoss(memory_bank_size=(8, 4))  # built without .to(device), as lightly's loops build it
+    query = torch.randn(2, 4, device="cuda", requires_grad=True)
+    loss = criterion(query, torch.randn(2, 4, device="cuda"))
+    assert loss.device.type == "cuda" and criterion.memory_bank.keys.device.type == "cuda"
+    assert int(criterion.memory_bank.pointer) == 2

@@ -266,7 +266,7 @@ def test_linear_eval_applies_the_high_pass_filter_of_a_high_pass_checkpoint(moco
     assert "applying HighPassFilter(kernel_size=11, sigma=5.0) to every input" in err
     assert "input filter: high-pass" in out and "linear top-1:" in out
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert resumed["config"]["recipe"] == "moco" and resumed["config"]["lr"] == 30.0
+    assert resumed["config"]["recipe"] == "moco" and resumed["config"]["lr"] == 0.1 * 8 / 256
     assert set(resumed["model"]) == {"weight", "bias"}, "only the linear layer trains"
     code, out, err = run_main("linear_eval", ["--resume", str(tmp_path / "checkpoint.pt"), "--epochs", "2"])
     assert code == 0

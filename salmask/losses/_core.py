@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from salmask._validation import check_bool, check_choice, check_positive, raise_if_not_finite
+from salmask._validation import (
+    check_bool,
+    check_choice,
+    check_memory_bank_size,
+    check_positive,
+    raise_if_not_finite,
+)
 
 __all__ = ["InfoNCEOutput", "check_logit_scale"]
 
@@ -122,22 +128,59 @@ def _hard_negative_cross_entropy(
 
 
 class _ContrastiveLoss(nn.Module):
-    """What both forms share: tau, rho, normalisation, reduction, the finite check, the cross-entropy."""
+    """What both forms share: tau, rho, normalisation, reduction, the finite check, the cross-entropy, and
+    the optional memory bank of keys (a :class:`~salmask.ssl.MomentumQueue`)."""
 
     def __init__(
-        self, temperature: float, hard_negative_weight: float, normalize: bool, reduction: str, check_finite: bool
+        self,
+        temperature: float,
+        hard_negative_weight: float,
+        normalize: bool,
+        reduction: str,
+        check_finite: bool,
+        memory_bank_size: Any = None,
+        gather_distributed: bool = True,
     ) -> None:
         super().__init__()
         self.temperature, self.hard_negative_weight = check_logit_scale(temperature, hard_negative_weight)
         self.normalize = check_bool(normalize, "normalize")
         self.reduction = check_choice(reduction, "reduction", _REDUCTIONS)
         self.check_finite = check_bool(check_finite, "check_finite")
+        gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        bank_size = check_memory_bank_size(memory_bank_size)
+        self.memory_bank = None
+        if bank_size is not None:
+            # Imported here: salmask.ssl (where MoCo keeps its queue) imports the losses.
+            from salmask.ssl._queue import MomentumQueue
+
+            size, dim = bank_size
+            self.memory_bank = MomentumQueue(dim, size, gather_distributed=gather_distributed)
 
     def extra_repr(self) -> str:
+        bank = "" if self.memory_bank is None else f", memory_bank_size={(self.memory_bank.size, self.memory_bank.dim)}"
         return (
             f"temperature={self.temperature}, hard_negative_weight={self.hard_negative_weight}, "
-            f"normalize={self.normalize}, reduction={self.reduction!r}"
+            f"normalize={self.normalize}, reduction={self.reduction!r}{bank}"
         )
+
+    def _memory_bank_rows(self, dim: int, device: torch.device) -> torch.Tensor:
+        """The bank's keys as ``(K, D)`` negatives on ``device``, a copy that the update cannot touch."""
+        bank = self.memory_bank
+        if bank.dim != dim:
+            raise ValueError(
+                f"the memory bank holds embeddings of size D={bank.dim} (memory_bank_size=({bank.size}, {bank.dim}))"
+                f", got embeddings of size {dim}"
+            )
+        if bank.keys.device != device:
+            # A loss built without .to(device), as lightly's loops build theirs: the bank follows its inputs.
+            bank.to(device)
+        return bank.negatives().t()
+
+    def _update_memory_bank(self, keys: torch.Tensor, anchors: torch.Tensor) -> None:
+        # As lightly's memory bank: a step that trains (its anchors carry gradient) enqueues its keys; a
+        # validation pass under torch.no_grad(), or a loss in eval mode, leaves the bank as it was.
+        if self.memory_bank is not None and self.training and anchors.requires_grad and torch.is_grad_enabled():
+            self.memory_bank.enqueue(keys)
 
     def _check_finite(self, named_tensors: dict[str, torch.Tensor | None]) -> None:
         if self.check_finite:

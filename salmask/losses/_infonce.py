@@ -59,6 +59,14 @@ class HardNegativeInfoNCE(_ContrastiveLoss):
             which dimension equals D; ``"auto"`` rejects a square ``(D, D)`` tensor as ambiguous.
         check_finite: raise if any embedding holds NaN or Inf. This costs one device-to-host sync per
             call; pass ``False`` to skip it in a tuned training loop.
+        memory_bank_size: ``(K, D)`` to keep a memory bank of K keys of size D inside the loss (a
+            :class:`~salmask.ssl.MomentumQueue`, as MoCo's queue): ``forward`` then takes no ``negatives``,
+            contrasts each query with the bank and, in a training step (the queries carry gradient and the
+            module is in training mode), enqueues the normalised keys afterwards. Hard negatives never
+            enter it. The bank is a buffer (saved in ``state_dict``) and moves to the embeddings' device.
+            ``None`` (default) or ``0``: negatives are passed to ``forward``.
+        gather_distributed: under ``torch.distributed``, gather every rank's keys before they enter the
+            memory bank, so all ranks hold the same bank (as MoCo's queue does).
 
     Example:
         >>> import torch
@@ -73,6 +81,15 @@ class HardNegativeInfoNCE(_ContrastiveLoss):
         (torch.Size([4, 66]), 0)
         >>> bool(out.logits[2, -1] == float("-inf"))
         True
+
+        With a memory bank of 64 keys, the loss holds the negatives itself:
+
+        >>> criterion = HardNegativeInfoNCE(memory_bank_size=(64, 16))
+        >>> query = torch.randn(4, 16, requires_grad=True)
+        >>> criterion(query, key, hard_negatives=hard, return_logits=True).logits.shape
+        torch.Size([4, 66])
+        >>> int(criterion.memory_bank.pointer)  # this step's 4 keys are in the bank
+        4
     """
 
     def __init__(
@@ -84,8 +101,12 @@ class HardNegativeInfoNCE(_ContrastiveLoss):
         reduction: Reduction = "mean",
         negatives_layout: NegativesLayout = "auto",
         check_finite: bool = True,
+        memory_bank_size: tuple[int, int] | None = None,
+        gather_distributed: bool = True,
     ) -> None:
-        super().__init__(temperature, hard_negative_weight, normalize, reduction, check_finite)
+        super().__init__(
+            temperature, hard_negative_weight, normalize, reduction, check_finite, memory_bank_size, gather_distributed
+        )
         self.negatives_layout = check_choice(negatives_layout, "negatives_layout", _LAYOUTS)
 
     def extra_repr(self) -> str:
@@ -106,7 +127,8 @@ class HardNegativeInfoNCE(_ContrastiveLoss):
         Args:
             query: ``(B, D)`` query embeddings (from the masked view).
             key: ``(B, D)`` positive key embeddings, row ``i`` the positive of query ``i``.
-            negatives: ``(K, D)`` negatives, or MoCo's ``(D, K)`` queue (see ``negatives_layout``).
+            negatives: ``(K, D)`` negatives, or MoCo's ``(D, K)`` queue (see ``negatives_layout``); with a
+                memory bank, leave it out: the bank's keys are the negatives.
             hard_negatives: ``(B, D)``, or ``(B, M)`` groups as ``(B, M, D)``; row ``i`` belongs to query
                 ``i`` only.
             hard_negative_valid: ``(B,)`` or ``(B, M)`` bool; ``False`` drops that hard negative (for an
@@ -118,28 +140,46 @@ class HardNegativeInfoNCE(_ContrastiveLoss):
 
         Raises:
             TypeError: a tensor argument is not a tensor of the right dtype.
-            ValueError: mismatched shapes, an empty batch (B = 0), neither negatives nor hard negatives, an
-                ambiguous square ``negatives`` with ``negatives_layout="auto"``, or non-finite embeddings.
+            ValueError: mismatched shapes, an empty batch (B = 0), neither negatives nor hard negatives,
+                negatives as well as a memory bank, an ambiguous square ``negatives`` with
+                ``negatives_layout="auto"``, or non-finite embeddings.
         """
         check_embedding_pair(query, key, ("query", "key"))
         check_bool(return_logits, "return_logits")
         batch_size, dim = query.shape
-        if negatives is None and hard_negatives is None:
+        if self.memory_bank is not None:
+            if negatives is not None:
+                raise ValueError("this loss holds a memory bank of negatives (memory_bank_size); do not pass negatives")
+            negative_rows = self._memory_bank_rows(dim, query.device)
+        elif negatives is None and hard_negatives is None:
             raise ValueError("pass negatives, hard_negatives or both: with neither there is nothing to contrast")
-        negative_rows = None if negatives is None else negatives_as_rows(negatives, dim, self.negatives_layout)
+        else:
+            negative_rows = None if negatives is None else negatives_as_rows(negatives, dim, self.negatives_layout)
         hard, hard_valid = hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
         self._check_finite({"query": query, "key": key, "negatives": negative_rows, "hard_negatives": hard})
-
-        dtype = _compute_dtype(query, key, negative_rows, hard)
-        with _autocast_disabled(query.device):
-            query, key = self._prepare(query, dtype), self._prepare(key, dtype)
-            positive = (query * key).sum(dim=1)
-            negative_logits = None if negative_rows is None else query @ self._prepare(negative_rows, dtype).t()
-            hard_logits = None
-            if hard is not None:
-                hard_logits = torch.einsum("bd,bmd->bm", query, self._prepare(hard, dtype))
-            output = self._cross_entropy(positive, negative_logits, hard_logits, hard_valid)
+        output, prepared_key = _query_key_loss(self, query, key, negative_rows, hard, hard_valid)
+        self._update_memory_bank(prepared_key, query)
         return output if return_logits else output.loss
+
+
+def _query_key_loss(
+    loss: _ContrastiveLoss,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    negative_rows: torch.Tensor | None,
+    hard: torch.Tensor | None,
+    hard_valid: torch.Tensor | None,
+) -> tuple[InfoNCEOutput, torch.Tensor]:
+    """The MoCo form's loss of checked inputs, and the key as compared (normalised), for a memory bank."""
+    dtype = _compute_dtype(query, key, negative_rows, hard)
+    with _autocast_disabled(query.device):
+        query, key = loss._prepare(query, dtype), loss._prepare(key, dtype)
+        positive = (query * key).sum(dim=1)
+        negative_logits = None if negative_rows is None else query @ loss._prepare(negative_rows, dtype).t()
+        hard_logits = None
+        if hard is not None:
+            hard_logits = torch.einsum("bd,bmd->bm", query, loss._prepare(hard, dtype))
+        return loss._cross_entropy(positive, negative_logits, hard_logits, hard_valid), key
 
 
 def extend_moco_logits(

@@ -18,6 +18,7 @@ from salmask.losses._core import (
     _compute_dtype,
     _ContrastiveLoss,
 )
+from salmask.losses._infonce import _query_key_loss
 
 __all__ = ["NTXentLoss"]
 
@@ -57,15 +58,37 @@ class NTXentLoss(_ContrastiveLoss):
     DDP's gradient averaging, training matches one process holding the whole global batch. Hard negatives
     are per image and are not gathered. Without an initialised process group the gather is a no-op.
 
+    With ``memory_bank_size=(K, D)`` the loss is the MoCo form instead, as lightly's ``NTXentLoss`` with a
+    memory bank is: each ``view_a[i]`` (the query) is contrasted with ``view_b[i]`` (its key), the K keys
+    of the bank (no in-batch negatives) and its hard negatives; in a training step (``view_a`` carries
+    gradient and the module is in training mode) the normalised ``view_b`` then enters the bank. This is
+    :class:`HardNegativeInfoNCE` with a memory bank, under lightly's constructor, so a lightly MoCo loop
+    changes its import only::
+
+        from salmask.losses import NTXentLoss  # was: from lightly.loss import NTXentLoss
+        criterion = NTXentLoss(temperature=0.5, memory_bank_size=(4096, 128))
+        loss = criterion(query, key)  # the same value as lightly's, and the same bank updates
+        loss = criterion(query, key, hard_negatives, hard_negative_valid)  # with the method's hard negatives
+
+    The temperature is the one difference in defaults: salmask's is 0.2 (MoCo v2's and the paper's tau),
+    lightly's 0.5 (SimCLR's). A call that leaves ``temperature`` out gets 0.2 here; pass
+    ``temperature=0.5`` to keep a lightly run's objective unchanged.
+
     Args:
-        temperature: tau, > 0 (SimCLR used 0.1 to 0.5 depending on batch size; 0.2 matches the MoCo path).
+        temperature: tau, > 0; default 0.2, the paper's (lightly's ``NTXentLoss`` defaults to 0.5). SimCLR
+            used 0.1 to 0.5 depending on batch size.
         hard_negative_weight: rho, > 0.
         normalize: L2-normalise the views and hard negatives along D first.
-        reduction: ``"mean"`` (default, over the 2B anchors), ``"sum"`` or ``"none"``.
-        gather_distributed: use every rank's views as negatives.
-        symmetric_hard_negatives: also contrast ``view_b[i]`` with ``t_i``.
+        reduction: ``"mean"`` (default, over the anchors), ``"sum"`` or ``"none"``.
+        gather_distributed: use every rank's views as negatives; with a memory bank, gather every rank's
+            keys before they enter it (lightly's meaning of the flag).
+        symmetric_hard_negatives: also contrast ``view_b[i]`` with ``t_i`` (not with a memory bank, where
+            ``view_b`` is not an anchor).
         check_finite: raise if any embedding holds NaN or Inf (one device-to-host sync per call;
             ``False`` skips it).
+        memory_bank_size: lightly's ``(K, D)``: a bank of K keys of size D (a
+            :class:`~salmask.ssl.MomentumQueue`, saved in ``state_dict``, moved to the embeddings' device)
+            and the MoCo form described above; ``0`` or ``None`` (default): the SimCLR form.
 
     Example:
         >>> import torch
@@ -76,6 +99,9 @@ class NTXentLoss(_ContrastiveLoss):
         >>> out = criterion(view_a, view_b, hard, return_logits=True)
         >>> out.logits.shape  # 2B anchors: positive, 2B - 2 negatives, M hard negatives
         torch.Size([8, 9])
+        >>> moco_form = NTXentLoss(memory_bank_size=(32, 16))
+        >>> moco_form(view_a, view_b, hard, return_logits=True).logits.shape  # B anchors: positive, K, M
+        torch.Size([4, 35])
     """
 
     def __init__(
@@ -88,10 +114,24 @@ class NTXentLoss(_ContrastiveLoss):
         gather_distributed: bool = False,
         symmetric_hard_negatives: bool = False,
         check_finite: bool = True,
+        memory_bank_size: tuple[int, int] | int | None = None,
     ) -> None:
-        super().__init__(temperature, hard_negative_weight, normalize, reduction, check_finite)
-        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        super().__init__(
+            temperature,
+            hard_negative_weight,
+            normalize,
+            reduction,
+            check_finite,
+            memory_bank_size,
+            gather_distributed,
+        )
+        self.gather_distributed = gather_distributed
         self.symmetric_hard_negatives = check_bool(symmetric_hard_negatives, "symmetric_hard_negatives")
+        if self.memory_bank is not None and self.symmetric_hard_negatives:
+            raise ValueError(
+                "symmetric_hard_negatives needs the SimCLR form: with a memory bank only view_a is an anchor"
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -129,6 +169,13 @@ class NTXentLoss(_ContrastiveLoss):
         check_embedding_pair(view_a, view_b, ("view_a", "view_b"))
         check_bool(return_logits, "return_logits")
         batch_size, dim = view_a.shape
+        if self.memory_bank is not None:
+            negative_rows = self._memory_bank_rows(dim, view_a.device)
+            hard, hard_valid = hard_negatives_as_batch(hard_negatives, hard_negative_valid, batch_size, dim)
+            self._check_finite({"view_a": view_a, "view_b": view_b, "hard_negatives": hard})
+            output, prepared_key = _query_key_loss(self, view_a, view_b, negative_rows, hard, hard_valid)
+            self._update_memory_bank(prepared_key, view_a)
+            return output if return_logits else output.loss
         world_size = get_world_size() if self.gather_distributed else 1
         rank = get_rank() if self.gather_distributed else 0
         if batch_size * world_size < 2 and hard_negatives is None:

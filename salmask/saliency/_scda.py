@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from salmask._defaults import SCDA_THRESHOLD_STD
 from salmask._validation import check_bool, check_choice, check_real, check_size
+from salmask.saliency._trunks import feature_map_backbone
 from salmask.tv_tensors import Saliency
 
 __all__ = ["SCDA", "activation_from_features", "largest_connected_component", "scda_foreground"]
@@ -183,7 +185,9 @@ class SCDA(nn.Module):
 
     Wraps any feature extractor mapping ``(B, 3, H, W)`` images to a ``(B, D, U, V)`` feature map (a
     tensor, or a list/tuple/dict of maps whose last entry is used, as timm ``features_only`` models and
-    torchvision's feature extractors return). The activation map ``A`` is the channel sum of the features;
+    torchvision's feature extractors return): a module, any callable, or a torchvision or timm
+    classification model, whose layers before global pooling it uses (see
+    :func:`~salmask.saliency.build_backbone`). The activation map ``A`` is the channel sum of the features;
     foreground is ``A >= mean(A) - threshold_std * std(A)`` (see :func:`scda_foreground`).
 
     The module is always frozen: it stays in eval mode even when a parent calls ``.train()``, its
@@ -196,7 +200,8 @@ class SCDA(nn.Module):
     network once on the concatenated batch and returns one map per view.
 
     Args:
-        backbone: feature extractor; it is put in eval mode and frozen (not copied).
+        backbone: feature extractor (a module or a callable) or classification model; it is put in eval
+            mode and frozen (not copied: the layers of a classification model stay shared with it).
         threshold_std: ``k`` in ``mean - k * std``; 0 is the original SCDA rule, 0.6 the paper's.
         largest_component: keep only the largest connected foreground component (original SCDA).
         connectivity: 4 or 8, neighbourhood for ``largest_component``.
@@ -220,7 +225,7 @@ class SCDA(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: nn.Module | Callable[[Tensor], Any],
         threshold_std: float = SCDA_THRESHOLD_STD,
         *,
         largest_component: bool = False,
@@ -230,15 +235,13 @@ class SCDA(nn.Module):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
-        self.backbone = backbone
+        self.backbone = feature_map_backbone(backbone)
         self.threshold_std = check_real(threshold_std, "threshold_std")
         self.largest_component = check_bool(largest_component, "largest_component")
         self.connectivity = check_choice(connectivity, "connectivity", (4, 8))
         self.input_size = None if input_size is None else check_size(input_size, "input_size")
         self.output_size = None if output_size is None else check_size(output_size, "output_size")
-        self.name = name or getattr(backbone, "saliency_name", None) or type(backbone).__name__
+        self.name = name or getattr(self.backbone, "saliency_name", None) or type(backbone).__name__
         self.backbone.requires_grad_(False)
         super().train(False)
 

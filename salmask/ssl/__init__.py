@@ -17,7 +17,7 @@ from salmask.ssl._checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from salmask.ssl._encoders import RESNETS, build_encoder, feature_dim_of, projection_head
+from salmask.ssl._encoders import RESNETS, build_encoder, feature_dim_of, projection_head, without_classifier
 from salmask.ssl._evaluation import encoder_state_dict, input_filter_of, pretrained_encoder, record_input_filter
 from salmask.ssl._knn import extract_features, knn_predict, knn_top1
 from salmask.ssl._moco import BATCH_NORM_MODES, MoCo, batch_shuffle, batch_unshuffle
@@ -70,4 +70,5 @@ __all__ = [
     "save_checkpoint",
     "set_rng_state",
     "training_state",
+    "without_classifier",
 ]

@@ -1,16 +1,25 @@
-"""Base encoders (torchvision ResNets without their classifier) and projection heads."""
+"""Base encoders (torchvision ResNets, or any torchvision or timm classifier without its classifier) and
+projection heads."""
 
 from __future__ import annotations
 
+import copy
+import urllib.parse
+from pathlib import Path
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
 
 from salmask._defaults import EMBEDDING_DIM
+from salmask._downloads import torchvision_state_dict
 from salmask._validation import check_choice, check_int
 
-__all__ = ["RESNETS", "build_encoder", "feature_dim_of", "projection_head"]
+__all__ = ["RESNETS", "build_encoder", "feature_dim_of", "projection_head", "without_classifier"]
+
+# Where torchvision's classification models keep their classifier.
+_TORCHVISION_HEADS = ("fc", "classifier", "heads", "head")
 
 #: The torchvision ResNet family accepted by :func:`build_encoder`.
 RESNETS = tuple(
@@ -41,7 +50,9 @@ def build_encoder(
             stem for CIFAR-sized (32-64 px) images, which the 224 px stem would shrink to a few pixels.
             The new stem is freshly initialised even when ``weights`` are given.
         weights: torchvision weights (enum or name) to start from, e.g. for transfer; ``None`` for random
-            initialisation, as in self-supervised pretraining.
+            initialisation, as in self-supervised pretraining. Weights that are not in torch's cache and
+            whose host cannot be reached fail at once (:class:`~salmask.saliency.WeightsUnavailableError`,
+            naming the file to put there).
         zero_init_residual: start every residual branch at zero (torchvision's option).
 
     Returns:
@@ -55,15 +66,86 @@ def build_encoder(
         (512, torch.Size([2, 512]))
     """
     check_choice(name, "name", RESNETS)
-    model = torchvision.models.get_model(name, weights=weights, zero_init_residual=zero_init_residual)
+    model = torchvision.models.get_model(name, weights=None, zero_init_residual=zero_init_residual)
+    if weights is not None:
+        weights = torchvision.models.get_model_weights(name).verify(weights)
+        file_name = Path(urllib.parse.urlsplit(weights.url).path).name
+        fix = (
+            f"copy {file_name} ({weights.url}) into {Path(torch.hub.get_dir()) / 'checkpoints'}, or build with "
+            "weights=None and load a state dict file into the encoder"
+        )
+        model.load_state_dict(torchvision_state_dict(weights, f"the {weights} weights of {name!r}", fix))
     if small_images:
         stem_channels = model.conv1.out_channels
         model.conv1 = nn.Conv2d(3, stem_channels, kernel_size=3, stride=1, padding=1, bias=False)
         # torchvision initialises its convolutions this way; keep the new stem consistent with the rest.
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
-    model.num_features = model.fc.in_features
-    model.fc = nn.Identity()
+    _drop_torchvision_classifier(model)
+    return model
+
+
+def _is_timm_classifier(model: nn.Module) -> bool:
+    return callable(getattr(model, "reset_classifier", None)) and isinstance(getattr(model, "num_classes", None), int)
+
+
+def _drop_torchvision_classifier(model: nn.Module) -> bool:
+    """Replace the last ``nn.Linear`` of a torchvision model's classifier by an identity, in place.
+
+    Sets ``num_features`` to that layer's input size; returns whether there was one to replace.
+    """
+    for attribute in _TORCHVISION_HEADS:
+        head = getattr(model, attribute, None)
+        if not isinstance(head, nn.Module):
+            continue
+        if isinstance(head, nn.Linear):
+            model.num_features = head.in_features
+            setattr(model, attribute, nn.Identity())
+            return True
+        linears = [(name, module) for name, module in head.named_modules() if isinstance(module, nn.Linear)]
+        if linears:
+            name, last = linears[-1]
+            model.num_features = last.in_features
+            head.set_submodule(name, nn.Identity())
+            return True
+    return False
+
+
+def without_classifier(model: nn.Module) -> nn.Module:
+    """A torchvision or timm classification model as an encoder: a copy whose classifier is dropped.
+
+    The copy returns the pooled features the classifier took and carries their size as ``num_features``,
+    which :class:`MoCo` and :class:`SimCLR` read. torchvision models lose the last ``nn.Linear`` of their
+    ``fc``, ``classifier``, ``heads`` or ``head``; timm models get ``reset_classifier(0)``. The model given
+    is left as it is. A model without a classifier (``num_classes=0`` in timm, :func:`build_encoder`'s, or
+    any other module) is returned itself.
+
+    Args:
+        model: a classification model, or an encoder.
+
+    Returns:
+        The encoder.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from salmask.ssl import without_classifier
+        >>> model = torchvision.models.mobilenet_v3_small(num_classes=10)
+        >>> encoder = without_classifier(model)
+        >>> encoder.num_features, encoder(torch.randn(2, 3, 64, 64)).shape, model.classifier[-1].out_features
+        (1024, torch.Size([2, 1024]), 10)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if _is_timm_classifier(model):
+        if model.num_classes == 0:
+            return model
+        encoder = copy.deepcopy(model)
+        encoder.reset_classifier(0)
+        return encoder
+    if type(model).__module__.startswith("torchvision.models."):
+        encoder = copy.deepcopy(model)
+        if _drop_torchvision_classifier(encoder):
+            return encoder
     return model
 
 
@@ -78,13 +160,27 @@ def feature_dim_of(encoder: nn.Module, feature_dim: int | None = None) -> int:
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
     if feature_dim is None:
-        feature_dim = getattr(encoder, "num_features", None)
+        # timm models whose pooled features go through one more layer before the classifier (MobileNetV3)
+        # return that layer's output, of size head_hidden_size.
+        feature_dim = getattr(encoder, "head_hidden_size", None) or getattr(encoder, "num_features", None)
         if feature_dim is None:
             raise ValueError(
-                f"encoder ({type(encoder).__name__}) has no num_features attribute; pass feature_dim=, the size "
-                "of the (B, feature_dim) features it returns"
+                f"encoder ({type(encoder).__name__}) has no num_features attribute; pass an encoder that returns "
+                "pooled (B, F) features with feature_dim=F (the classifier of torchvision and timm models, a final "
+                "nn.Linear, is dropped for you)"
             )
     return check_int(feature_dim, "feature_dim", minimum=1)
+
+
+def checked_features(features: Any, feature_dim: int) -> torch.Tensor:
+    """``features`` if they are ``(B, feature_dim)``, else a ``ValueError`` that says what the encoder gave."""
+    if isinstance(features, torch.Tensor) and features.ndim == 2 and features.shape[1] == feature_dim:
+        return features
+    got = f"shape {tuple(features.shape)}" if isinstance(features, torch.Tensor) else type(features).__name__
+    raise ValueError(
+        f"the encoder must return (B, {feature_dim}) features (feature_dim={feature_dim}), got {got}: give an "
+        "encoder that pools, or its feature size as feature_dim (a classification model's logits are not features)"
+    )
 
 
 def projection_head(
@@ -118,11 +214,15 @@ def projection_head(
     return nn.Sequential(*layers)
 
 
-def head_for(
+def encoder_and_head(
     encoder: nn.Module, feature_dim: int | None, hidden_dim: int | None, dim: int, projector: nn.Module | None
-) -> tuple[int, nn.Module]:
-    """The encoder's feature size and the projection head on it: ``projector`` if given, else the MLP."""
+) -> tuple[nn.Module, int, nn.Module]:
+    """The encoder (a classification model without its classifier), its feature size and the projection head
+    on it: ``projector`` if given, else the MLP."""
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+    encoder = without_classifier(encoder)
     feature_dim = feature_dim_of(encoder, feature_dim)
     if projector is not None and not isinstance(projector, nn.Module):
         raise TypeError(f"projector must be an nn.Module or None, got {type(projector).__name__}")
-    return feature_dim, projection_head(feature_dim, hidden_dim, dim) if projector is None else projector
+    return encoder, feature_dim, projection_head(feature_dim, hidden_dim, dim) if projector is None else projector

@@ -14,7 +14,7 @@ from salmask._defaults import EMBEDDING_DIM, HARD_NEGATIVE_WEIGHT, KEY_ENCODER_M
 from salmask._validation import check_choice, check_int, check_probability, check_step_views, check_tensor
 from salmask.distributed import all_gather, get_rank, get_world_size
 from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput
-from salmask.ssl._encoders import head_for
+from salmask.ssl._encoders import checked_features, encoder_and_head
 from salmask.ssl._queue import MomentumQueue
 
 __all__ = ["BATCH_NORM_MODES", "MoCo", "batch_shuffle", "batch_unshuffle"]
@@ -108,7 +108,8 @@ class MoCo(nn.Module):
 
     Args:
         encoder: base encoder mapping images to ``(B, feature_dim)`` features, e.g.
-            :func:`build_encoder`; used as is (not copied) as the query encoder.
+            :func:`build_encoder`, used as is (not copied) as the query encoder; or a torchvision or timm
+            classification model, whose copy without the classifier (:func:`without_classifier`) is.
         feature_dim: the encoder's feature size; default its ``num_features`` attribute.
         dim: embedding size (128).
         hidden_dim: width of the MLP head's hidden layer; default ``feature_dim`` (MoCo v2).
@@ -150,7 +151,7 @@ class MoCo(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        self.feature_dim, projector = head_for(encoder, feature_dim, hidden_dim, dim, projector)
+        encoder, self.feature_dim, projector = encoder_and_head(encoder, feature_dim, hidden_dim, dim, projector)
         self.momentum = momentum  # validated by the property setter
         self.batch_norm = check_choice(batch_norm, "batch_norm", BATCH_NORM_MODES)
         self.dim = dim
@@ -193,7 +194,7 @@ class MoCo(nn.Module):
 
     def embed_query(self, images: Tensor) -> Tensor:
         """L2-normalised ``(B, dim)`` query embeddings, with gradient."""
-        return F.normalize(self.projector(self.encoder(images)), dim=1)
+        return F.normalize(self.projector(checked_features(self.encoder(images), self.feature_dim)), dim=1)
 
     @torch.no_grad()
     def embed_key(self, images: Tensor) -> Tensor:

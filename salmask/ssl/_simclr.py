@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from salmask._defaults import EMBEDDING_DIM, HARD_NEGATIVE_WEIGHT, TEMPERATURE
 from salmask._validation import check_bool, check_step_views
 from salmask.losses import InfoNCEOutput, NTXentLoss
-from salmask.ssl._encoders import head_for
+from salmask.ssl._encoders import checked_features, encoder_and_head
 
 __all__ = ["SimCLR"]
 
@@ -34,7 +34,9 @@ class SimCLR(nn.Module):
         scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=epochs, warmup_t=10)
 
     Args:
-        encoder: base encoder mapping images to ``(B, feature_dim)`` features (e.g. :func:`build_encoder`).
+        encoder: base encoder mapping images to ``(B, feature_dim)`` features (e.g. :func:`build_encoder`),
+            or a torchvision or timm classification model, whose copy without the classifier
+            (:func:`without_classifier`) is used.
         feature_dim: the encoder's feature size; default its ``num_features`` attribute.
         dim: embedding size (128).
         hidden_dim: width of the head's hidden layer; default ``feature_dim``.
@@ -74,7 +76,7 @@ class SimCLR(nn.Module):
         check_finite: bool = False,
     ) -> None:
         super().__init__()
-        self.feature_dim, projector = head_for(encoder, feature_dim, hidden_dim, dim, projector)
+        encoder, self.feature_dim, projector = encoder_and_head(encoder, feature_dim, hidden_dim, dim, projector)
         self.dim = dim
         self.hard_negative_grad = check_bool(hard_negative_grad, "hard_negative_grad")
         # Registered in this order (encoder, then head), which the optimizer's state in a checkpoint follows.
@@ -93,7 +95,7 @@ class SimCLR(nn.Module):
 
     def embed(self, images: Tensor) -> Tensor:
         """``(B, dim)`` projected embeddings (not normalised: the loss normalises them)."""
-        return self.projector(self.encoder(images))
+        return self.projector(checked_features(self.encoder(images), self.feature_dim))
 
     def forward(
         self,

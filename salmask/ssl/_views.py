@@ -18,6 +18,7 @@ from salmask._defaults import (
     SALIENCY_THRESHOLD,
     SPATIAL_ONLY,
 )
+from salmask._generators import generator_in_process, picklable_state
 from salmask._validation import (
     check_fraction,
     check_generator,
@@ -113,7 +114,9 @@ class MaskedViews(nn.Module):
 
     Args:
         strategy: one of ``STRATEGIES``, see above.
-        scda: localization network computing saliency on the fly when none is passed to ``forward``.
+        scda: localization network computing saliency on the fly when none is passed to ``forward``: an
+            :class:`~salmask.SCDA`, or what it takes as its backbone (a torchvision or timm classification
+            model, a module or a callable returning feature maps), wrapped in ``SCDA`` with its defaults.
         hard_negatives: make hard negatives; default ``True`` for the saliency-guided strategies, ``False``
             for ``"mscn"`` (which then needs saliency) and ``"none"`` (which cannot make them).
         mask_ratio: alpha, the fraction of the patch grid masked in the query, fixed or a ``(low, high)`` range
@@ -130,7 +133,9 @@ class MaskedViews(nn.Module):
         input_filter: the high-pass filter of ``"high_pass"`` and ``"mscn"`` (default: the release's,
             kernel 11 and sigma 5); the other strategies feed unfiltered views.
         saliency_threshold: mean saliency a patch needs to count as foreground.
-        generator: source of randomness of every mask and noise draw; ``None`` uses torch's global one.
+        generator: source of randomness of every mask and noise draw; ``None`` uses torch's global one. In
+            a DataLoader worker (:class:`ThreeViews`) the worker's copy is re-seeded once from its state and
+            the worker's seed, so workers draw different masks.
 
     Attributes:
         input_filter: the :class:`~salmask.HighPassFilter` every view goes through (``None`` for the
@@ -155,7 +160,7 @@ class MaskedViews(nn.Module):
         self,
         strategy: str = "high_pass",
         *,
-        scda: SCDA | None = None,
+        scda: SCDA | nn.Module | Callable[[Tensor], Any] | None = None,
         hard_negatives: bool | None = None,
         mask_ratio: float | tuple[float, float] = MASK_RATIO,
         hard_negative_mask_ratio: float | tuple[float, float] = HARD_NEGATIVE_MASK_RATIO,
@@ -172,7 +177,12 @@ class MaskedViews(nn.Module):
         if strategy not in _STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if scda is not None and not isinstance(scda, SCDA):
-            raise TypeError(f"scda must be a salmask SCDA module or None, got {type(scda).__name__}")
+            if not callable(scda):
+                raise TypeError(
+                    "scda must be an SCDA, a model or callable SCDA accepts as its backbone, or None, got "
+                    f"{type(scda).__name__}"
+                )
+            scda = SCDA(scda)
         if hard_negatives is not None and not isinstance(hard_negatives, bool):
             raise TypeError(f"hard_negatives must be a bool or None, got {type(hard_negatives).__name__}")
         if input_filter is not None and not isinstance(input_filter, HighPassFilter):
@@ -230,6 +240,10 @@ class MaskedViews(nn.Module):
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, hard_negatives={self.make_hard_negatives}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A generator pickles as plain bytes, so the module reaches spawned DataLoader workers.
+        return picklable_state(self.__dict__)
 
     @property
     def needs_saliency(self) -> bool:
@@ -296,7 +310,7 @@ class MaskedViews(nn.Module):
             return MaskedViewsOutput(query, key, None, None, None, None)
 
         query_saliency, key_saliency = self._saliency(query, key, query_saliency, key_saliency)
-        common: dict[str, Any] = {"patch_size": self.patch_size, "generator": self.generator}
+        common: dict[str, Any] = {"patch_size": self.patch_size, "generator": generator_in_process(self.generator)}
         query_params = draw_mask_params(
             query.shape,
             query_saliency if self.saliency_guided else None,

@@ -145,8 +145,8 @@ def test_runs_on_cuda(scda: SCDA) -> None:
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(TypeError, match="backbone"):
-        SCDA(lambda x: x)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"backbone must be an nn\.Module or a callable"):
+        SCDA("resnet50")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold_std"):
         SCDA(nn.Identity(), threshold_std=float("nan"))
     with pytest.raises(ValueError, match="connectivity"):

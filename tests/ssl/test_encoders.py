@@ -63,3 +63,63 @@ def test_projection_head():
     assert projection_head(16)[0].out_features == 16
     with pytest.raises(ValueError, match="out_features"):
         projection_head(16, 32, 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classification models as encoders
+
+
+@pytest.mark.parametrize("method", ["moco", "simclr"])
+@pytest.mark.parametrize(
+    "make_model",
+    [
+        lambda: torchvision.models.resnet18(num_classes=10),
+        lambda: torchvision.models.mobilenet_v3_small(num_classes=10),  # classifier: Linear, act, drop, Linear
+        lambda: pytest.importorskip("timm").create_model("resnet18", num_classes=10),
+        lambda: pytest.importorskip("timm").create_model("mobilenetv3_small_050", num_classes=10),
+    ],
+    ids=["torchvision-resnet18", "torchvision-mobilenet_v3", "timm-resnet18", "timm-mobilenetv3"],
+)
+def test_moco_and_simclr_take_a_classification_model_and_train_it_without_its_classifier(method, make_model):
+    from salmask.ssl import MoCo, SimCLR
+
+    torch.manual_seed(0)
+    model = make_model()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    contrastive = MoCo(model, queue_size=16) if method == "moco" else SimCLR(model)
+    query, key, hard = torch.randn(3, 4, 3, 32, 32).unbind(0)
+    out = contrastive(query, key, hard)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    features = contrastive.encoder(query)
+    assert features.shape == (4, contrastive.feature_dim) and contrastive.feature_dim != 10
+    assert contrastive.encoder is not model, "a copy trains: the model given keeps its classifier"
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert model(query).shape == (4, 10)
+
+
+def test_without_classifier_leaves_encoders_alone_and_drops_only_the_last_linear_layer():
+    from salmask.ssl import without_classifier
+
+    encoder = build_encoder("resnet18")
+    assert without_classifier(encoder) is encoder
+    identity = nn.Identity()
+    assert without_classifier(identity) is identity
+    vgg = torchvision.models.vgg11(num_classes=5)
+    headless = without_classifier(vgg)
+    assert headless.num_features == 4096 and isinstance(headless.classifier[-1], nn.Identity)
+    assert isinstance(headless.classifier[0], nn.Linear) and isinstance(vgg.classifier[-1], nn.Linear)
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
+        without_classifier("resnet18")
+
+
+def test_an_encoder_that_does_not_return_its_features_is_named_at_the_first_step():
+    from salmask.ssl import MoCo, SimCLR
+
+    logits_model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))  # not a torchvision or timm model
+    images = torch.randn(2, 3, 8, 8)
+    for model in (MoCo(logits_model, feature_dim=64, queue_size=8), SimCLR(logits_model, feature_dim=64)):
+        with pytest.raises(ValueError, match=r"must return \(B, 64\) features .* got shape \(\d, 10\)"):
+            model(images, images)
+    with pytest.raises(ValueError, match="pass an encoder that returns pooled"):
+        MoCo(torchvision.models.squeezenet1_0(), queue_size=8)  # its classifier is a convolution

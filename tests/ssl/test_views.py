@@ -206,6 +206,20 @@ def test_scda_computes_both_saliencies_in_one_forward_and_matches_passing_them()
             assert torch.equal(computed, passed)
 
 
+def test_scda_takes_a_backbone_model_or_a_callable_as_scda_does():
+    query, key = views()
+    backbone = CountingBackbone()
+    expected = masker("mean", scda=SCDA(backbone))(query, key)
+    for scda in (backbone, lambda images: backbone(images)):
+        views_ = masker("mean", scda=scda)
+        assert isinstance(views_.scda, SCDA)
+        out = views_(query, key)
+        assert torch.equal(out.query, expected.query) and torch.equal(out.hard_negatives, expected.hard_negatives)
+    torchvision = pytest.importorskip("torchvision")
+    views_ = masker("blur", scda=torchvision.models.resnet18())  # its layers before the pooling
+    assert views_(query, key).hard_negative_valid.shape == (BATCH,)
+
+
 def test_given_saliency_takes_precedence_over_scda():
     query, key = views()
     backbone = CountingBackbone()
@@ -266,8 +280,8 @@ def test_bad_arguments_name_what_is_wrong():
         MaskedViews("none", hard_negatives=True)
     with pytest.raises(ValueError, match="fill_options"):
         MaskedViews("none", fill_options={"sigma": 1.0})
-    with pytest.raises(TypeError, match="scda"):
-        MaskedViews("mean", scda=nn.Identity())
+    with pytest.raises(TypeError, match="scda must be an SCDA, a model or callable"):
+        MaskedViews("mean", scda="resnet50")
     with pytest.raises(TypeError, match="hard_negatives"):
         MaskedViews("mean", hard_negatives=1)
     with pytest.raises(ValueError, match="fill_options"):
