@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from salmask._validation import check_bool, check_callable, check_choice, check_int
 from salmask.tv_tensors import Saliency
 
 __all__ = ["SHAPE_CLASSES", "SyntheticShapes"]
@@ -41,16 +42,14 @@ _MIN_IMAGE_SIZE = 16
 
 # Layout of the uniform draws that parametrise one item (one vector of draws per item keeps the stream
 # position of every parameter fixed, whatever the class or the image size).
-_NUM_BLOBS = 4
-_NUM_LINES = 3
-_NUM_WAVES = 2
+_NUM_BLOBS = 6
+_NUM_STROKES = 3
 _OBJECT = 9  # radius, centre x, centre y, angle, hue, saturation, value, shading angle, shading strength
-_BACKGROUND = 7  # two colours (h, s, v) and the gradient angle
-_WAVE = 7  # angle, frequency, phase, amplitude, tint (r, g, b)
+_BACKGROUND = 3  # one muted colour (h, s, v)
 _BLOB = 7  # x, y, sigma, opacity, colour (h, s, v)
-_LINE = 7  # angle, offset, half width, opacity, colour (h, s, v)
+_STROKE = 8  # angle, centre x, centre y, half length, half width, colour (h, s, v)
 _HSV_OFFSETS = np.array([5.0, 3.0, 1.0], dtype=np.float32)
-_NUM_DRAWS = _OBJECT + _BACKGROUND + _NUM_WAVES * _WAVE + _NUM_BLOBS * _BLOB + _NUM_LINES * _LINE
+_NUM_DRAWS = _OBJECT + _BACKGROUND + _NUM_BLOBS * _BLOB + _NUM_STROKES * _STROKE
 
 
 def _hsv_to_rgb(hue: np.ndarray, saturation: np.ndarray, value: np.ndarray) -> np.ndarray:
@@ -114,10 +113,11 @@ def _render(labels: Sequence[int], draws: np.ndarray, noise: np.ndarray, image_s
     centres = np.arange(image_size, dtype=np.float32) + 0.5 - size / 2
     xs, ys = centres.reshape(1, 1, -1), centres.reshape(1, -1, 1)
 
-    # Every shape fits in the unit disc of its frame; a radius of 22-40% of the side and a centre at least
+    # Every shape fits in the unit disc of its frame; a radius of 25-40% of the side and a centre at least
     # radius + 1 px from each edge keep the whole object inside the image, large enough to cover several
-    # cells of a 7 x 7 patch grid and small enough to leave background on every side.
-    radius = size * (0.22 + 0.18 * take())
+    # cells of a 7 x 7 patch grid and small enough to leave background on every side. The rotation is
+    # free: it keeps raw pixels and random features from separating the classes by silhouette alone.
+    radius = size * (0.25 + 0.15 * take())
     free = size / 2 - radius - 1.0
     centre_x, centre_y = free * (2.0 * take() - 1.0), free * (2.0 * take() - 1.0)
     angle = 2.0 * math.pi * take()
@@ -126,33 +126,28 @@ def _render(labels: Sequence[int], draws: np.ndarray, noise: np.ndarray, image_s
     object_colour = _hsv_to_rgb(hue, 0.5 + 0.5 * sat, 0.55 + 0.45 * value)
     shading_angle, shading = 2.0 * math.pi * take(), 0.08 + 0.17 * take()
 
-    # Background: a gradient between two muted colours...
-    first, second = take_colour(0.6, 0.2), take_colour(0.6, 0.2)
-    gradient = 2.0 * math.pi * take()
-    ramp = (np.cos(gradient) * xs + np.sin(gradient) * ys) / size + 0.5
-    image = first + (second - first) * np.clip(ramp, 0.0, 1.0)[:, None]
-    # ...with oriented stripes of several frequencies and tints...
-    for _ in range(_NUM_WAVES):
-        wave_angle, frequency, phase = math.pi * take(), 2.0 + 10.0 * take(), 2.0 * math.pi * take()
-        amplitude = 0.04 + 0.12 * next(columns)[:, None]
-        tint = amplitude * (0.4 + 0.6 * np.stack([next(columns) for _ in range(3)], axis=1))
-        along = (np.cos(wave_angle) * xs + np.sin(wave_angle) * ys) / size
-        image = image + tint[:, :, None, None] * np.sin(2.0 * math.pi * frequency * along + phase)[:, None]
-    # ...soft coloured blobs, at times as saturated as the objects, so colour alone does not find them...
+    # Background: a near-grey colour, so that its colour does not tell two images apart...
+    hue, sat, value = next(columns), next(columns), next(columns)
+    image = np.broadcast_to(_hsv_to_rgb(hue, 0.1 * sat, 0.4 + 0.2 * value), (batch, 3, image_size, image_size))
+    # ...under small soft blobs, at times as saturated as the objects, so colour alone does not find them...
     for _ in range(_NUM_BLOBS):
         x, y = size * (take() - 0.5), size * (take() - 0.5)
-        sigma, opacity = size * (0.05 + 0.15 * take()), 0.35 + 0.55 * take()
+        sigma, opacity = size * (0.03 + 0.06 * take()), 0.5 + 0.4 * take()
         blob_colour = take_colour(1.0, 0.2)
         # A separable Gaussian: two 1-D profiles instead of an exponential per pixel.
         weight = opacity * np.exp(-((xs - x) ** 2) / (2 * sigma**2)) * np.exp(-((ys - y) ** 2) / (2 * sigma**2))
         image = image + (blob_colour - image) * weight[:, None]
-    # ...and thin straight lines with hard edges, so edges alone do not find them either.
-    for _ in range(_NUM_LINES):
-        line_angle, offset = math.pi * take(), size * (take() - 0.5)
-        half_width, opacity = 0.4 + 0.8 * take(), 0.5 + 0.5 * take()
-        line_colour = take_colour(1.0, 0.2)
-        on_line = np.abs(np.cos(line_angle) * xs + np.sin(line_angle) * ys - offset) <= half_width
-        image = np.where(on_line[:, None], image + (line_colour - image) * opacity[:, None], image)
+    # ...and short strokes with hard edges, so edges alone do not find them either. Every element is small
+    # and local: two crops of one image share few of them, and images differ little in their background's
+    # overall statistics, so the background is no shortcut to telling two images apart.
+    for _ in range(_NUM_STROKES):
+        stroke_angle, x, y = math.pi * take(), size * (take() - 0.5), size * (take() - 0.5)
+        half_length, half_width = size * (0.1 + 0.2 * take()), 0.5 + 0.7 * take()
+        stroke_colour = take_colour(1.0, 0.2)
+        cos, sin = np.cos(stroke_angle), np.sin(stroke_angle)
+        along, across = cos * (xs - x) + sin * (ys - y), cos * (ys - y) - sin * (xs - x)
+        on_stroke = (np.abs(across) <= half_width) & (np.abs(along) <= half_length)
+        image = np.where(on_stroke[:, None], stroke_colour, image)
 
     # The object, drawn opaque in its own rotated frame scaled to its radius.
     dx, dy = (xs - centre_x) / radius, (ys - centre_y) / radius
@@ -232,15 +227,18 @@ class SyntheticShapes(Dataset):
         return_saliency: bool = False,
         in_memory: bool = False,
     ) -> None:
-        if not isinstance(split, str) or split not in _SPLITS:
-            raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+        check_choice(split, "split", tuple(_SPLITS))
         num_images = _DEFAULT_LENGTHS[split] if num_images is None else num_images
-        _check_int("num_images", num_images, minimum=0)
-        _check_int("image_size", image_size, minimum=_MIN_IMAGE_SIZE)
-        _check_int("num_classes", num_classes, minimum=2)
+        check_int(num_images, "num_images", minimum=0)
+        check_int(image_size, "image_size", minimum=_MIN_IMAGE_SIZE)
+        check_int(num_classes, "num_classes", minimum=2)
         if num_classes > len(SHAPE_CLASSES):
             raise ValueError(f"num_classes must be at most {len(SHAPE_CLASSES)}, got {num_classes}")
-        _check_int("seed", seed, minimum=0)
+        check_int(seed, "seed", minimum=0)
+        check_callable(transform, "transform")
+        check_callable(target_transform, "target_transform")
+        check_bool(return_saliency, "return_saliency")
+        check_bool(in_memory, "in_memory")
         self.split = split
         self.num_images = num_images
         self.image_size = image_size
@@ -281,7 +279,7 @@ class SyntheticShapes(Dataset):
             >>> torch.equal(images[5], dataset[5][0])
             True
         """
-        _check_int("batch_size", batch_size, minimum=1)
+        check_int(batch_size, "batch_size", minimum=1)
         indices = [self._check_index(index) for index in indices]
         size = self.image_size
         images = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
@@ -330,10 +328,3 @@ class SyntheticShapes(Dataset):
             f"{type(self).__name__}(split={self.split!r}, num_images={self.num_images}, "
             f"image_size={self.image_size}, num_classes={self.num_classes}, seed={self.seed})"
         )
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")

@@ -286,7 +286,9 @@ def build_backbone(
                 f"first), got weights={weights!r}"
             )
         return feature_map_backbone(name)
-    if isinstance(weights, str) and weights != "imagenet" and not Path(weights).is_file():
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights must be 'imagenet', None or a state dict file, got {type(weights).__name__}")
+    if isinstance(weights, (str, os.PathLike)) and weights != "imagenet" and not Path(weights).is_file():
         raise FileNotFoundError(f"weights must be 'imagenet', None or an existing file, got {weights!r}")
     if name in ("resnet18", "resnet50"):
         return _resnet(name, weights)

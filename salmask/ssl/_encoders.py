@@ -14,7 +14,7 @@ from torch import nn
 
 from salmask._defaults import EMBEDDING_DIM
 from salmask._downloads import torchvision_state_dict
-from salmask._validation import check_choice, check_int
+from salmask._validation import check_bool, check_choice, check_int
 
 __all__ = ["RESNETS", "build_encoder", "feature_dim_of", "projection_head", "without_classifier"]
 
@@ -35,6 +35,8 @@ def build_encoder(
     name: str = "resnet50",
     *,
     small_images: bool = False,
+    stem_stride: int = 1,
+    width: int = 64,
     weights: Any = None,
     zero_init_residual: bool = False,
 ) -> torchvision.models.ResNet:
@@ -46,9 +48,13 @@ def build_encoder(
 
     Args:
         name: a torchvision ResNet, one of ``RESNETS``.
-        small_images: replace the stem by a 3x3 stride-1 convolution and drop the max-pool, the usual
-            stem for CIFAR-sized (32-64 px) images, which the 224 px stem would shrink to a few pixels.
-            The new stem is freshly initialised even when ``weights`` are given.
+        small_images: replace the stem by a 3x3 convolution and drop the max-pool, the usual stem for
+            CIFAR-sized (32-64 px) images, which the 224 px stem would shrink to a few pixels. The new stem
+            is freshly initialised even when ``weights`` are given.
+        stem_stride: stride of the small-image stem: 1 (CIFAR's), or 2, which costs every later layer
+            four times less (a CPU budget at 32 px).
+        width: channels of the first stage, doubled at each later one (64 is torchvision's; 16 makes a
+            ResNet-18 about sixteen times cheaper). Module names stay torchvision's.
         weights: torchvision weights (enum or name) to start from, e.g. for transfer; ``None`` for random
             initialisation, as in self-supervised pretraining. Weights that are not in torch's cache and
             whose host cannot be reached fail at once (:class:`~salmask.saliency.WeightsUnavailableError`,
@@ -64,9 +70,22 @@ def build_encoder(
         >>> encoder = build_encoder("resnet18", small_images=True)
         >>> encoder.num_features, encoder(torch.randn(2, 3, 32, 32)).shape
         (512, torch.Size([2, 512]))
+        >>> narrow = build_encoder("resnet18", small_images=True, stem_stride=2, width=16)
+        >>> narrow.num_features, narrow(torch.randn(2, 3, 32, 32)).shape
+        (128, torch.Size([2, 128]))
     """
     check_choice(name, "name", RESNETS)
+    check_bool(small_images, "small_images")
+    check_bool(zero_init_residual, "zero_init_residual")
+    check_choice(check_int(stem_stride, "stem_stride"), "stem_stride", (1, 2))
+    check_int(width, "width", minimum=1)
+    if stem_stride != 1 and not small_images:
+        raise ValueError("stem_stride sets the small-image stem's stride; pass small_images=True with it")
+    if width != 64 and weights is not None:
+        raise ValueError(f"weights exist for torchvision's widths only (width=64), got width={width}")
     model = torchvision.models.get_model(name, weights=None, zero_init_residual=zero_init_residual)
+    if width != 64:
+        _set_width(model, width, zero_init_residual)
     if weights is not None:
         weights = torchvision.models.get_model_weights(name).verify(weights)
         file_name = Path(urllib.parse.urlsplit(weights.url).path).name
@@ -77,12 +96,40 @@ def build_encoder(
         model.load_state_dict(torchvision_state_dict(weights, f"the {weights} weights of {name!r}", fix))
     if small_images:
         stem_channels = model.conv1.out_channels
-        model.conv1 = nn.Conv2d(3, stem_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(3, stem_channels, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         # torchvision initialises its convolutions this way; keep the new stem consistent with the rest.
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     _drop_torchvision_classifier(model)
     return model
+
+
+def _set_width(model: torchvision.models.ResNet, width: int, zero_init_residual: bool) -> None:
+    """Rebuild a torchvision ResNet's stem and stages at ``width`` channels (doubling per stage), in place,
+    with its own block type, depths, groups and initialisation."""
+    block = type(model.layer1[0])
+    depths = [len(getattr(model, f"layer{stage}")) for stage in range(1, 5)]
+    norm_layer = model._norm_layer
+    model.inplanes = width
+    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = norm_layer(width)
+    for stage, depth in enumerate(depths):
+        layer = model._make_layer(block, width * 2**stage, depth, stride=1 if stage == 0 else 2)
+        setattr(model, f"layer{stage + 1}", layer)
+    model.fc = nn.Linear(width * 8 * block.expansion, model.fc.out_features)
+    # torchvision's initialisation of a new ResNet, for the rebuilt layers.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(module.weight, 1)
+            nn.init.constant_(module.bias, 0)
+    if zero_init_residual:
+        for module in model.modules():
+            if isinstance(module, torchvision.models.resnet.Bottleneck):
+                nn.init.zeros_(module.bn3.weight)
+            elif isinstance(module, torchvision.models.resnet.BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
 
 
 def _is_timm_classifier(model: nn.Module) -> bool:
@@ -203,6 +250,7 @@ def projection_head(
           (2): Linear(in_features=512, out_features=128, bias=True)
         )
     """
+    check_bool(batch_norm, "batch_norm")
     hidden_features = in_features if hidden_features is None else hidden_features
     sizes = {"in_features": in_features, "hidden_features": hidden_features, "out_features": out_features}
     for name, value in sizes.items():
@@ -221,6 +269,9 @@ def encoder_and_head(
     on it: ``projector`` if given, else the MLP."""
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+    check_int(dim, "dim", minimum=1)
+    if hidden_dim is not None:
+        check_int(hidden_dim, "hidden_dim", minimum=1)
     encoder = without_classifier(encoder)
     feature_dim = feature_dim_of(encoder, feature_dim)
     if projector is not None and not isinstance(projector, nn.Module):

@@ -40,6 +40,39 @@ def test_zero_init_residual_is_passed_on():
     assert torch.equal(encoder.layer1[0].bn2.weight, torch.zeros(64))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_a_narrow_encoder_doubles_its_width_per_stage_and_keeps_torchvision_names(name):
+    narrow = build_encoder(name, small_images=True, stem_stride=2, width=16)
+    expansion = type(narrow.layer1[0]).expansion
+    assert [getattr(narrow, f"layer{stage}")[0].conv1.in_channels for stage in (2, 3, 4)] == [
+        16 * expansion,
+        32 * expansion,
+        64 * expansion,
+    ]
+    assert narrow.num_features == 128 * expansion
+    assert narrow.conv1.stride == (2, 2) and narrow.conv1.out_channels == 16
+    reference = torchvision.models.get_model(name)
+    assert [key for key in narrow.state_dict()] == [key for key in reference.state_dict() if not key.startswith("fc.")]
+    features = {}
+    narrow.layer1.register_forward_hook(lambda module, args, output: features.update(layer1=output))
+    assert narrow(torch.randn(2, 3, 32, 32)).shape == (2, 128 * expansion)
+    assert features["layer1"].shape[-2:] == (16, 16), "a stride-2 stem halves the 32 px view once"
+    residual = build_encoder(name, width=16, zero_init_residual=True)
+    last_norms = [block.bn3 if hasattr(block, "bn3") else block.bn2 for block in residual.layer1]
+    assert all(torch.equal(norm.weight, torch.zeros_like(norm.weight)) for norm in last_norms)
+
+
+def test_width_and_stem_stride_are_checked():
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_encoder("resnet18", stem_stride=2)
+    with pytest.raises(ValueError, match="stem_stride"):
+        build_encoder("resnet18", small_images=True, stem_stride=4)
+    with pytest.raises(ValueError, match="width"):
+        build_encoder("resnet18", width=0)
+    with pytest.raises(ValueError, match="width=64"):
+        build_encoder("resnet18", width=16, weights="IMAGENET1K_V1")
+
+
 def test_bad_encoder_names():
     assert {"resnet18", "resnet50"} <= set(RESNETS)
     with pytest.raises(ValueError, match="name must be one of"):
