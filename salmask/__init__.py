@@ -7,7 +7,15 @@ The public names are re-exported here; the kernels under the transforms are in
 from salmask import data, distributed, functional, saliency, ssl
 from salmask.data import SaliencyDataset, SaliencyImageFolder, SyntheticShapes
 from salmask.losses import HardNegativeInfoNCE, InfoNCEOutput, NTXentLoss, extend_moco_logits
-from salmask.saliency import SCDA, SaliencyCache, build_backbone, build_saliency_cache, build_scda, load_saliency_cache
+from salmask.saliency import (
+    SCDA,
+    SaliencyCache,
+    build_backbone,
+    build_saliency_cache,
+    build_scda,
+    compute_saliency_cache,
+    load_saliency_cache,
+)
 from salmask.ssl import MaskedViews, MoCo, MomentumQueue, SimCLR, ThreeViews
 from salmask.transforms import (
     RELEASE_MASK_TYPE_PROBS,
@@ -48,6 +56,7 @@ __all__ = [
     "build_backbone",
     "build_saliency_cache",
     "build_scda",
+    "compute_saliency_cache",
     "data",
     "distributed",
     "extend_moco_logits",

@@ -186,6 +186,17 @@ class Environment:
             "TwoViews": (salmask.ssl.TwoViews, {"pipeline": lambda *sample: sample}),
             "build_backbone": (salmask.build_backbone, {"name": "resnet18", "weights": None}),
             "build_scda": (salmask.build_scda, {"name": "resnet18", "weights": None}),
+            "compute_saliency_cache": (
+                salmask.compute_saliency_cache,
+                {
+                    "dataset": [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 3,
+                    "scda": self.scda,
+                    "image_size": 16,
+                    "batch_size": 2,
+                    "device": "cpu",
+                    "progress": False,
+                },
+            ),
             "build_saliency_cache": (
                 salmask.build_saliency_cache,
                 {

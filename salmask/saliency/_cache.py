@@ -7,7 +7,6 @@ verifies), so a byte changed on disk never serves a different map.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +14,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from salmask._storage import load_verified, save_verified
-from salmask._validation import check_bool, check_int, check_mapping, check_path, check_real
-from salmask.saliency._scda import SCDA, scda_foreground
+from salmask._validation import check_bool, check_mapping, check_path
+from salmask.saliency._scda import scda_foreground
 from salmask.tv_tensors import Saliency
 
 __all__ = [
@@ -27,7 +25,6 @@ __all__ = [
     "CACHE_FORMAT_VERSION",
     "SaliencyCache",
     "SaliencyCacheError",
-    "build_saliency_cache",
     "load_saliency_cache",
 ]
 
@@ -208,7 +205,7 @@ class SaliencyCache:
         save_verified(self.state(), path, what="saliency cache")
 
 
-def _fail(path: Path, message: str) -> SaliencyCacheError:
+def fail(path: Path, message: str) -> SaliencyCacheError:
     return SaliencyCacheError(f"saliency cache {str(path)!r}: {message}")
 
 
@@ -238,12 +235,12 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
         )
     state, verified = load_verified(path, what="saliency cache", error=SaliencyCacheError, mmap=True)
     if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
-        raise _fail(path, f"not a salmask saliency cache (expected format {CACHE_FORMAT!r})")
+        raise fail(path, f"not a salmask saliency cache (expected format {CACHE_FORMAT!r})")
     version = state.get("version")
     if version not in range(1, CACHE_FORMAT_VERSION + 1):
-        raise _fail(path, f"format version {version!r}, this salmask reads versions 1 to {CACHE_FORMAT_VERSION}")
+        raise fail(path, f"format version {version!r}, this salmask reads versions 1 to {CACHE_FORMAT_VERSION}")
     if version >= 2 and not verified:
-        raise _fail(path, f"lacks the digest of its content that version {version} stores; it is corrupt or altered")
+        raise fail(path, f"lacks the digest of its content that version {version} stores; it is corrupt or altered")
     if not verified:
         # A rebuild takes hours on ImageNet-100; an old cache stays usable, with a warning.
         warnings.warn(
@@ -254,175 +251,19 @@ def load_saliency_cache(path: str | os.PathLike[str], *, allow_incomplete: bool 
         )
     missing = [key for key in (*_HEADER_KEYS, "paths", "activation", "done") if key not in state]
     if missing:
-        raise _fail(path, f"missing fields {missing}")
+        raise fail(path, f"missing fields {missing}")
     try:
         cache = SaliencyCache(
             {key: state[key] for key in _HEADER_KEYS}, state["activation"], state["done"], state["paths"]
         )
     except (TypeError, ValueError) as error:
-        raise _fail(path, str(error)) from error
+        raise fail(path, str(error)) from error
     num_images, done = cache.header["num_images"], cache.done
     complete = bool(state["complete"]) and bool(done.all())
     if not complete and not allow_incomplete:
-        raise _fail(
+        raise fail(
             path,
             f"incomplete ({int(done.sum())} of {num_images} images computed); re-run the same "
             "`python -m salmask.saliency.build_cache` command to finish it",
         )
-    return cache
-
-
-class _IndexedImages(Dataset):
-    """Images of an ImageFolder at a fixed size, with their dataset index instead of the class."""
-
-    def __init__(self, folder: Any, indices: Tensor) -> None:
-        self.folder = folder
-        self.indices = indices.tolist()
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, position: int) -> tuple[Tensor, int]:
-        index = self.indices[position]
-        image, _ = self.folder[index]
-        return image, index
-
-
-def _relative_paths(folder: Any) -> list[str]:
-    root = Path(folder.root)
-    return [Path(path).relative_to(root).as_posix() for path, _ in folder.samples]
-
-
-def build_saliency_cache(
-    root: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    scda: SCDA,
-    *,
-    image_size: int = 448,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    device: str | torch.device | None = None,
-    checkpoint_seconds: float = 60.0,
-    progress: bool = True,
-) -> SaliencyCache:
-    """Compute the SCDA activation map of every image of an ImageFolder once and store them in one file.
-
-    Each whole image is resized to ``image_size`` x ``image_size`` (aspect ratio not kept: the map is
-    stretched back to the image's own size when served), normalised with the ImageNet statistics and run
-    through ``scda``; the map is stored at the network's native grid (14 x 14 for stride-32 networks at
-    448 px: 196 bytes per image, 26 MB for ImageNet-100).
-
-    The build is resumable: the file is checkpointed atomically every ``checkpoint_seconds`` and on
-    interruption, and re-running the same call continues with the images not yet computed. A file made
-    with another backbone, image size or set of images is refused rather than mixed.
-
-    Args:
-        root: ImageFolder root (``root/<class>/<image>``).
-        out: cache file to write (conventionally ``*.pt``).
-        scda: the localization network; its ``name``, ``threshold_std`` and ``largest_component`` are
-            recorded in the header.
-        image_size: side the whole image is resized to before the network.
-        batch_size: images per forward.
-        num_workers: DataLoader worker processes that decode images.
-        device: where to run ``scda``; ``None`` keeps the module where it is.
-        checkpoint_seconds: time between checkpoints of an unfinished cache.
-        progress: show a tqdm progress bar if tqdm is installed.
-
-    Returns:
-        The complete :class:`SaliencyCache`.
-    """
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
-
-    from salmask.saliency._backbones import IMAGENET_MEAN, IMAGENET_STD
-
-    root = check_path(root, "root")
-    out = check_path(out, "out")
-    if not isinstance(scda, SCDA):
-        raise TypeError(f"scda must be an SCDA module, got {type(scda).__name__}")
-    check_int(image_size, "image_size", minimum=1)
-    check_int(batch_size, "batch_size", minimum=1)
-    check_int(num_workers, "num_workers", minimum=0)
-    check_real(checkpoint_seconds, "checkpoint_seconds", low=0.0)
-    check_bool(progress, "progress")
-    if device is not None:
-        scda = scda.to(device)
-    device = next(iter(scda.parameters()), torch.empty(0)).device
-    transform = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize((image_size, image_size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-    folder = ImageFolder(os.fspath(root), transform=transform)
-    paths = _relative_paths(folder)
-    grid = tuple(scda.activation_map(torch.zeros(1, 3, image_size, image_size, device=device)).shape[-2:])
-    header = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_FORMAT_VERSION,
-        "backbone": scda.name,
-        "threshold_std": check_real(scda.threshold_std, "threshold_std"),
-        "largest_component": scda.largest_component,
-        "image_size": [image_size, image_size],
-        "grid": list(grid),
-        "num_images": len(paths),
-        "complete": False,
-    }
-
-    if out.exists():
-        cache = load_saliency_cache(out, allow_incomplete=True)
-        for key in ("backbone", "image_size", "grid", "num_images"):
-            if cache.header[key] != header[key]:
-                raise _fail(
-                    out,
-                    f"was built with {key}={cache.header[key]!r}, this run has {header[key]!r}; "
-                    "write to another file or delete it",
-                )
-        if cache.paths != paths:
-            first = next(i for i, (a, b) in enumerate(zip(cache.paths, paths, strict=True)) if a != b)
-            raise _fail(out, f"entry {first} is {cache.paths[first]!r} in the cache but {paths[first]!r} under root")
-        # Thresholds are applied on access, so a resumed build may record a new one.
-        cache.header.update(threshold_std=header["threshold_std"], largest_component=header["largest_component"])
-        cache.activation = cache.activation.clone()
-        cache.done = cache.done.clone()
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cache = SaliencyCache(
-            header,
-            torch.zeros(len(paths), *grid, dtype=torch.uint8),
-            torch.zeros(len(paths), dtype=torch.bool),
-            paths,
-        )
-
-    remaining = (~cache.done).nonzero().flatten()
-    loader = DataLoader(
-        _IndexedImages(folder, remaining), batch_size=batch_size, num_workers=num_workers, shuffle=False
-    )
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            tqdm = None
-        if tqdm is not None:
-            bar = tqdm(total=len(paths), initial=int(cache.done.sum()), unit="img", desc="saliency cache")
-
-    last_checkpoint = time.monotonic()
-    try:
-        for images, indices in loader:
-            activation = scda.activation_map(images.to(device, non_blocking=True))
-            cache.activation[indices] = quantize_activation(activation).cpu()
-            cache.done[indices] = True
-            if bar is not None:
-                bar.update(len(indices))
-            if time.monotonic() - last_checkpoint >= checkpoint_seconds:
-                cache.save(out)
-                last_checkpoint = time.monotonic()
-    finally:
-        if bar is not None:
-            bar.close()
-        cache.header["complete"] = bool(cache.done.all())
-        cache.save(out)
     return cache

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from salmask._defaults import SCDA_THRESHOLD_STD
 from salmask.saliency._backbones import BACKBONES, build_scda
-from salmask.saliency._cache import build_saliency_cache
+from salmask.saliency._cache_builder import build_saliency_cache
 
 __all__ = ["main"]
 

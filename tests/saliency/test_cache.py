@@ -9,15 +9,18 @@ import torch
 from file_faults import flip_positions, same_content
 from PIL import Image
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from salmask import Saliency
 from salmask._storage import save_verified
+from salmask.data import SaliencyDataset
 from salmask.saliency import (
     CACHE_FORMAT_VERSION,
     SCDA,
     SaliencyCache,
     SaliencyCacheError,
     build_saliency_cache,
+    compute_saliency_cache,
     load_saliency_cache,
     scda_foreground,
 )
@@ -249,3 +252,21 @@ def test_entries_outside_the_cache_are_named(image_folder: Path, tmp_path: Path)
         cache.activation_map(-1)
     with pytest.raises(TypeError, match="index must be an int or an integer tensor"):
         cache.foreground(1.5)
+
+
+def test_an_in_memory_cache_serves_each_item_its_own_map_at_the_item_size():
+    # Small images upsampled for the network: the map follows the bright square of each image.
+    images = torch.zeros(6, 1, 16, 16, dtype=torch.uint8)  # grey images, as Fashion-MNIST's
+    for index in range(6):
+        row, column = divmod(index, 3)
+        images[index, :, row * 8 : row * 8 + 8, column * 5 : column * 5 + 6] = 255
+    scda = SCDA(nn.AvgPool2d(4), threshold_std=-0.5)  # activation = mean brightness per 4 x 4 cell
+    cache = compute_saliency_cache(TensorDataset(images, torch.arange(6)), scda, image_size=16, batch_size=4)
+    assert len(cache) == 6 and cache.header["complete"] and cache.paths == [str(i) for i in range(6)]
+    for index in range(6):
+        saliency = cache.saliency(index, (16, 16))
+        bright = images[index, 0] > 0
+        assert saliency[bright].float().mean() > 0.9 and saliency[~bright].float().mean() < 0.2
+    dataset = SaliencyDataset(TensorDataset(images, torch.arange(6)), cache, return_target=True)
+    (image, saliency), target = dataset[4]
+    assert torch.equal(image, images[4]) and saliency.shape == (16, 16) and int(target) == 4
