@@ -29,9 +29,9 @@ the encoder at ``--backbone-lr`` (default a tenth of the classifier's); the chec
 the fine-tuned ``encoder`` under torchvision's ResNet names, which loads with the ``model`` layer as
 ``fc`` into the ResNet the checkpoint names.
 
-Without ``--dataset``/``--data`` it evaluates on the pretraining data (the synthetic shapes, or the
-pretraining ImageFolder). A run is checkpointed every epoch; SIGTERM writes a checkpoint and exits 0;
-``--resume`` continues it.
+Without ``--dataset``/``--data`` it evaluates on the pretraining data (the synthetic shapes or
+Fashion-MNIST, the same images as the pretraining, or the pretraining ImageFolder). A run is
+checkpointed every epoch; SIGTERM writes a checkpoint and exits 0; ``--resume`` continues it.
 """
 
 from __future__ import annotations
@@ -51,10 +51,13 @@ import torch.distributed as dist
 
 # The scripts' shared helpers: examples/_common.py (a script's own folder is on sys.path when it runs).
 from _common import (
+    DATASETS,
+    IN_MEMORY,
+    dataset_splits,
     evaluation_transform,
     finish,
-    image_folder_splits,
     ordered_loader,
+    pretraining_dataset,
     run,
     seed_everything,
     setup_logging,
@@ -67,7 +70,6 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from salmask.data import SyntheticShapes
 from salmask.distributed import get_rank, get_world_size, init_distributed
 from salmask.ssl import (
     ResumableSampler,
@@ -97,7 +99,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 BACKBONE_LR_FRACTION = 0.1
 # A step loss above this many times ln(C), the loss of a uniform guess over C classes, means divergence.
 DIVERGED_LOSS_FACTOR = 100.0
-DATASETS = ("synthetic", "imagefolder", "caltech101", "flowers102")
+EVALUATION_DATASETS = (*DATASETS, "caltech101", "flowers102")
 CALTECH_TRAIN_PER_CLASS = 30  # the usual Caltech-101 protocol: 30 training images per class, the rest for testing
 
 
@@ -106,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("checkpoint", nargs="?", help="pretraining checkpoint (not needed with --resume)")
     add("--resume", help="linear-evaluation checkpoint to continue from")
-    add("--dataset", choices=DATASETS, help="default: the pretraining data (synthetic, or the --data ImageFolder)")
+    add(
+        "--dataset",
+        choices=EVALUATION_DATASETS,
+        help="default: the pretraining data (synthetic, fashion-mnist, or the --data ImageFolder)",
+    )
     add("--data", help="ImageFolder root with train/ and val/, or the download root of caltech101/flowers102")
     add("--download", action="store_true", help="download caltech101/flowers102 into --data")
     add("--recipe", choices=sorted(RECIPES), help="default: the checkpoint's method (moco or simclr)")
@@ -145,16 +151,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         raise SystemExit("checkpoint: give the pretraining checkpoint to evaluate (or --resume)")
     pretraining = load_checkpoint(args.checkpoint)
     trained = pretraining["config"]
-    synthetic = trained.get("data") is None
-    dataset = args.dataset or ("imagefolder" if args.data or not synthetic else "synthetic")
-    data = args.data or (trained.get("data") if dataset == "imagefolder" else None)
-    if dataset != "synthetic" and not data:
+    dataset = args.dataset or pretraining_dataset(trained, args.data)
+    data = args.data or (trained.get("data") if dataset == pretraining_dataset(trained) else None)
+    if dataset not in ("synthetic", "fashion-mnist") and not data:
         raise SystemExit(f"--data: dataset {dataset} needs a root folder")
     if dataset == "imagefolder" and not (Path(data) / "train").is_dir():
         raise SystemExit(f"--data: {data} has no train/ folder (expected an ImageFolder root with train/ and val/)")
     recipe_name = args.recipe or trained.get("method", "moco")
     recipe = RECIPES[recipe_name]
-    batch_size = args.batch_size or (64 if dataset == "synthetic" else recipe["batch_size"])
+    in_memory = dataset in IN_MEMORY
+    batch_size = args.batch_size or (64 if in_memory else recipe["batch_size"])
     # The recipes' rate is per 256 images; other batches scale it linearly (MAE's and MoCo v3's rule).
     lr = recipe["lr"] * batch_size / RECIPE_BATCH if args.lr is None else args.lr
     if args.backbone_lr is not None and not args.finetune:
@@ -165,7 +171,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         "data": data,
         "download": args.download,
         "recipe": recipe_name,
-        "epochs": args.epochs or (10 if dataset == "synthetic" else 100),
+        "epochs": args.epochs or (10 if in_memory else 100),
         "lr": lr,
         "finetune": args.finetune,
         "backbone_lr": (lr * BACKBONE_LR_FRACTION if args.backbone_lr is None else args.backbone_lr)
@@ -183,9 +189,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
         "seed": args.seed,
         "device": args.device,
         "on_bad_image": args.on_bad_image,
-        "synthetic_train_size": trained.get("synthetic_train_size"),
-        "synthetic_val_size": trained.get("synthetic_val_size"),
-        "synthetic_seed": trained.get("seed", 0),
+        # The pretraining's own images when it trained on a data set held in memory.
+        "train_images": trained.get("train_images", trained.get("synthetic_train_size")) if in_memory else None,
+        "val_images": trained.get("val_images", trained.get("synthetic_val_size")) if in_memory else None,
+        "data_seed": trained.get("seed", 0),
     }
     if config["schedule"] == "step" and config["epochs"] != 100:
         # The MoCo recipe decays at 60% and 80% of its 100 epochs; keep the proportions for other lengths.
@@ -228,16 +235,13 @@ def caltech101_split(dataset: datasets.Caltech101, seed: int) -> tuple[list[int]
 def build_datasets(config: dict[str, Any]) -> tuple[Any, Any, int]:
     """(training set, test set, number of classes)."""
     name, root, size = config["dataset"], config["data"], config["image_size"]
-    if name == "synthetic":
-        train_transform, test_transform = transforms(size, resize=False)
-        common = {"image_size": size, "seed": config["synthetic_seed"], "in_memory": True}
-        train = SyntheticShapes("train", num_images=config["synthetic_train_size"], transform=train_transform, **common)
-        test = SyntheticShapes("val", num_images=config["synthetic_val_size"], transform=test_transform, **common)
-        return train, test, train.num_classes
-    train_transform, test_transform = transforms(size, resize=True)
-    if name == "imagefolder":
-        train, test = image_folder_splits(root, train_transform, test_transform)
-        return train, test, len(train.classes)
+    train_transform, test_transform = transforms(size, resize=name not in IN_MEMORY)
+    if name in DATASETS:
+        return dataset_splits(
+            name, root, image_size=size, train_transform=train_transform, val_transform=test_transform,
+            train_images=config.get("train_images"), val_images=config.get("val_images"),
+            seed=config.get("data_seed", 0),
+        )  # fmt: skip
     if name == "flowers102":
         train = ConcatDataset(
             [

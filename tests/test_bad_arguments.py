@@ -322,6 +322,10 @@ class Environment:
             "batch_shuffle": (salmask.ssl.batch_shuffle, {"images": views}),
             "batch_unshuffle": (salmask.ssl.batch_unshuffle, {"outputs": views, "restore": None}),
             "build_encoder": (salmask.ssl.build_encoder, {"name": "resnet18", "small_images": True}),
+            "check_queue_size": (
+                salmask.ssl.check_queue_size,
+                {"queue_size": 16, "num_images": 128, "batch_size": 8},
+            ),
             "encoder_state_dict": (salmask.ssl.encoder_state_dict, {"checkpoint": checkpoint, "prefix": "encoder."}),
             "extract_features": (
                 salmask.ssl.extract_features,

@@ -21,8 +21,9 @@ from salmask.ssl import CheckpointError, encoder_state_dict, load_checkpoint, pr
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-TINY = ["--synthetic-train-size", "16", "--synthetic-val-size", "8", "--batch-size", "8", "--epochs", "1"]
-TINY += ["--warmup-epochs", "0", "--queue-size", "16"]
+TINY = ["--train-images", "16", "--val-images", "8", "--batch-size", "8", "--epochs", "1"]
+TINY += ["--warmup-epochs", "0", "--method", "moco", "--train-images", "32", "--queue-size", "16"]
+TINY += ["--strategy", "high_pass", "--width", "64"]
 
 
 load_script = load_example

@@ -15,7 +15,7 @@ from torch import nn
 
 from salmask.ssl import build_encoder, input_filter_of, load_checkpoint, pretrained_encoder
 
-TINY = ["--synthetic-train-size", "16", "--synthetic-val-size", "8", "--batch-size", "8", "--epochs", "1"]
+TINY = ["--train-images", "16", "--val-images", "8", "--batch-size", "8", "--epochs", "1"]
 EVAL = ["--batch-size", "8", "--epochs", "1", "--workers", "0"]
 
 
@@ -42,9 +42,8 @@ def pretraining(tmp_path_factory):
     """A one-epoch MoCo run (high-pass recipe, 32 px shapes, the small-image ResNet-18)."""
     output = tmp_path_factory.mktemp("pretrain")
     with one_thread_and_quiet():
-        code = load_example("pretrain").main(
-            [*TINY, "--warmup-epochs", "0", "--queue-size", "16", "--output-dir", str(output)]
-        )
+        moco = ["--method", "moco", "--strategy", "high_pass", "--train-images", "32", "--queue-size", "16"]
+        code = load_example("pretrain").main([*TINY, "--warmup-epochs", "0", *moco, "--output-dir", str(output)])
     assert code == 0
     return output / "checkpoint.pt"
 
@@ -147,7 +146,8 @@ def test_fine_tuning_trains_the_encoder_at_a_tenth_of_the_learning_rate_and_expo
     changed = [name for name, value in checkpoint["encoder"].items() if not torch.equal(value, before[name])]
     assert "conv1.weight" in changed and "layer4.1.bn2.running_mean" in changed
     # The fine-tuned classifier is a torchvision ResNet: the encoder's weights and the linear layer as fc.
-    resnet = build_encoder("resnet18", small_images=True)
+    config = pretrained["config"]
+    resnet = build_encoder("resnet18", small_images=True, stem_stride=config["stem_stride"], width=config["width"])
     resnet.fc = nn.Linear(resnet.num_features, 10)
     resnet.load_state_dict({**checkpoint["encoder"], **{f"fc.{k}": v for k, v in checkpoint["model"].items()}})
     classifier = linear_eval().LinearClassifier(pretrained_encoder(pretrained), 10, None, finetune=True)
@@ -169,7 +169,7 @@ def test_settings_the_classifier_cannot_train_with_are_refused(pretraining, tmp_
         run([str(pretraining), *EVAL, "--backbone-lr", "0.01"])
     with pytest.raises(SystemExit, match=r"--batch-size: .* at least 2 images"):
         run([str(pretraining), *EVAL, "--batch-size", "1"])
-    with pytest.raises(SystemExit, match="--batch-size: 32 images per rank, more than the 16"):
-        run([str(pretraining), *EVAL, "--batch-size", "32", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--batch-size: 64 images per rank, more than the 32"):
+        run([str(pretraining), *EVAL, "--batch-size", "64", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--lr: must be a positive number"):
         run([str(pretraining), *EVAL, "--lr", "-1"])

@@ -52,9 +52,10 @@ from salmask.ssl import (
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["--synthetic-train-size", "16", "--synthetic-val-size", "8", "--batch-size", "8", "--epochs", "1"]
+TINY = ["--train-images", "16", "--val-images", "8", "--batch-size", "8", "--epochs", "1"]
 TINY += ["--warmup-epochs", "0"]
-MOCO_TINY = [*TINY, "--queue-size", "16"]
+# MoCo with the high-pass recipe: 32 images, so that a queue of 16 keys holds no batch's own earlier keys.
+MOCO_TINY = [*TINY, "--method", "moco", "--strategy", "high_pass", "--train-images", "32", "--queue-size", "16"]
 KNN_LINE = re.compile(r"kNN top-1: (\d+\.\d+)%")
 
 script = load_example
@@ -149,7 +150,8 @@ def test_moco_checkpoint_holds_the_whole_training_state(moco_checkpoint):
 
 def test_simclr_trains_with_lars(tmp_path, run_main):
     code, out, err = run_main(
-        "pretrain", ["--method", "simclr", *TINY, "--output-dir", str(tmp_path), "--strategy", "blur"]
+        "pretrain",
+        ["--method", "simclr", *TINY, "--output-dir", str(tmp_path), "--strategy", "blur", "--optimizer", "lars"],
     )
     assert code == 0, err
     assert KNN_LINE.search(out), out
@@ -162,7 +164,7 @@ def test_simclr_trains_with_lars(tmp_path, run_main):
 def test_moco_on_an_image_folder_skips_a_broken_image_and_names_it(tmp_path, run_main):
     data = make_image_folder(tmp_path / "data", broken=True)
     args = ["--data", str(data), "--image-size", "32", "--arch", "resnet18", "--small-images", "--batch-size", "8"]
-    args += ["--epochs", "1", "--warmup-epochs", "0", "--queue-size", "16", "--workers", "0"]
+    args += ["--epochs", "1", "--warmup-epochs", "0", "--queue-size", "4", "--workers", "0"]
     args += ["--scda-backbone", "efficientnet_lite0", "--output-dir", str(tmp_path / "out"), "--on-bad-image", "skip"]
     code, out, err = run_main("pretrain", args)
     assert code == 0
@@ -174,7 +176,20 @@ def test_moco_on_an_image_folder_skips_a_broken_image_and_names_it(tmp_path, run
 def test_a_broken_image_fails_fast_with_its_path_by_default(tmp_path, run_main):
     data = make_image_folder(tmp_path / "data", broken=True)
     args = ["--data", str(data), "--image-size", "32", "--arch", "resnet18", "--small-images", "--batch-size", "8"]
-    args += ["--epochs", "1", "--warmup-epochs", "0", "--strategy", "none", "--saliency", "none", "--workers", "0"]
+    args += [
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--strategy",
+        "none",
+        "--saliency",
+        "none",
+        "--workers",
+        "0",
+        "--queue-size",
+        "4",
+    ]
     with pytest.raises(BadImageError, match=re.escape(str(data / "train" / "a" / "broken.png"))):
         run_main("pretrain", [*args, "--output-dir", str(tmp_path / "out")])
 
@@ -220,15 +235,15 @@ def test_flags_override_a_preset(tmp_path):
 
 
 def test_each_method_takes_its_own_defaults_and_refuses_the_other_methods_settings(moco_checkpoint):
-    moco, _ = script("pretrain").resolve_config([])
-    simclr, _ = script("pretrain").resolve_config(["--method", "simclr"])
-    assert moco["method"] == "moco" and moco["queue_size"] == 1024 and moco["output_dir"].endswith("moco_synthetic")
+    moco, _ = script("pretrain").resolve_config(["--method", "moco"])
+    simclr, _ = script("pretrain").resolve_config([])
+    assert moco["method"] == "moco" and moco["queue_size"] == 512 and moco["output_dir"].endswith("moco_synthetic")
     assert simclr["method"] == "simclr" and simclr["sync_batch_norm"] and "moco_momentum" not in simclr
     assert simclr["output_dir"].endswith("simclr_synthetic")
     with pytest.raises(SystemExit, match="--queue-size: not a setting of --method simclr"):
         script("pretrain").resolve_config(["--method", "simclr", "--queue-size", "16"])
     with pytest.raises(SystemExit, match="--sync-batch-norm: not a setting of --method moco"):
-        script("pretrain").resolve_config(["--sync-batch-norm"])
+        script("pretrain").resolve_config(["--method", "moco", "--sync-batch-norm"])
     path, _ = moco_checkpoint
     with pytest.raises(SystemExit, match="--method simclr: the checkpoint continues a moco run"):
         script("pretrain").resolve_config(["--resume", str(path), "--method", "simclr"])
@@ -241,7 +256,7 @@ def test_every_preset_of_the_paper_exists_with_its_expected_result(method, strat
     text = path.read_text()
     preset = yaml.safe_load(text)
     assert preset["method"] == method and preset["strategy"] == strategy and preset["epochs"] == 200
-    assert set(preset) <= set(script("pretrain").defaults_for(method, synthetic=False))
+    assert set(preset) <= set(script("pretrain").defaults_for(method, "imagefolder"))
     expected = re.search(r"linear evaluation top-1 on ImageNet-100\): (\d+\.\d+)%", text)
     assert expected, "the expected result is written in the preset"
     assert 60.0 < float(expected.group(1)) < 80.0
@@ -323,8 +338,9 @@ def test_two_processes_under_torchrun(tmp_path, free_port):
 
 
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
-    args = [str(EXAMPLES / "pretrain.py"), "--synthetic-train-size", "32", "--synthetic-val-size", "8"]
+    args = [str(EXAMPLES / "pretrain.py"), "--train-images", "32", "--val-images", "8"]
     args += ["--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--queue-size", "16", "--log-every", "1"]
+    args += ["--method", "moco", "--strategy", "high_pass"]
     uninterrupted = run_subprocess([*args, "--output-dir", str(tmp_path / "a")])
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
 
@@ -362,17 +378,61 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_main_job_prints_a_knn_accuracy(tmp_path):
-    # The README's command with a smaller dataset and one epoch: the full default takes several minutes on
-    # two cores.
-    args = [str(EXAMPLES / "pretrain.py"), "--epochs", "1", "--synthetic-train-size", "64"]
-    args += ["--synthetic-val-size", "32", "--output-dir", str(tmp_path)]
+def test_readme_main_job_prints_its_knn_beside_the_untrained_encoder_and_raw_pixels(tmp_path):
+    # The README's command on fewer images and epochs: the full default takes about four minutes on two cores.
+    args = [str(EXAMPLES / "pretrain.py"), "--epochs", "4", "--train-images", "256", "--val-images", "100"]
+    args += ["--batch-size", "32", "--log-every", "1", "--output-dir", str(tmp_path)]
     result = run_subprocess(args, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "img/s" in result.stderr, "tqdm reports throughput"
-    match = KNN_LINE.search(result.stdout)
-    assert match and 0.0 <= float(match.group(1)) <= 100.0
-    assert "32 validation images" in result.stdout
+    lines = result.stdout.strip().splitlines()[-3:]
+    scores = json.loads((tmp_path / "knn.json").read_text())
+    assert KNN_LINE.search(lines[0]).group(1) == f"{scores['trained']:.2f}" and "100 held-out images" in lines[0]
+    assert f"the same encoder untrained {scores['untrained']:.2f}%" in lines[1]
+    assert f"raw pixels {scores['raw_pixels']:.2f}%" in lines[1] and "chance 10.0%" in lines[1]
+    assert lines[2].startswith("Pretraining "), "one line says what the numbers mean"
+    config = load_checkpoint(tmp_path / "checkpoint.pt")["config"]
+    assert (config["method"], config["dataset"], config["width"], config["optimizer"]) == (
+        "simclr",
+        "synthetic",
+        16,
+        "adamw",
+    )
+    # A tiny run moves the loss: its last steps below its first.
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in records if "step" in record]
+    assert len(losses) == 32 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
+
+
+@pytest.mark.parametrize(
+    ("trained", "untrained", "raw", "meaning"),
+    [
+        (33.0, 15.0, 18.0, "Pretraining learned: its features sort unseen images by class 18.0 points better"),
+        (17.0, 15.0, 18.0, "Pretraining helped little: 2.0 points over the random initialisation, -1.0 against"),
+        (24.0, 15.0, 26.0, "Pretraining helped little: 9.0 points over the random initialisation, -2.0 against"),
+        (14.0, 15.0, 18.0, "Pretraining did not learn: 14.00% against 15.00% for the random initialisation"),
+    ],
+)
+def test_the_last_line_says_what_the_scores_mean(trained, untrained, raw, meaning):
+    config = {"knn_k": 200, "knn_temperature": 0.1, "epochs": 50}
+    scores = {"trained": trained, "untrained": untrained, "raw_pixels": raw}
+    summary = script("pretrain").knn_summary(scores, config, 1000, 10, Path("c.pt"))
+    assert summary.splitlines()[-1].startswith(meaning), summary
+    alone = script("pretrain").knn_summary({"trained": trained}, config, 1000, 10, Path("c.pt"))
+    assert alone.count("\n") == 0 and KNN_LINE.search(alone).group(1) == f"{trained:.2f}"
+
+
+def test_a_moco_queue_holding_a_batch_s_own_keys_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match=r"--queue-size: queue_size=1024 .* the 1024 training images"):
+        script("pretrain").main(
+            ["--method", "moco", "--train-images", "1024", "--queue-size", "1024", "--output-dir", str(tmp_path)]
+        )
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_warm_up_that_covers_the_whole_run_is_refused():
+    with pytest.raises(SystemExit, match=r"--warmup-epochs: must be in \[0, epochs=3\), got 3"):
+        script("pretrain").resolve_config(["--epochs", "3", "--warmup-epochs", "3"])
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
@@ -590,7 +650,7 @@ def test_evaluation_labels_val_images_by_class_name_when_val_lacks_a_class(moco_
     assert code == 0 and "kNN top-1: 100.00%" in out, out
     assert "no folder for 1 of the 3 classes of train/ (a)" in err
     _, bank, queries, num_classes = script("pretrain").build_datasets(
-        {**script("pretrain").defaults_for("moco", synthetic=False), "data": str(root), "saliency": "none"}
+        {**script("pretrain").defaults_for("moco", "imagefolder"), "data": str(root), "saliency": "none"}, "cpu"
     )
     assert num_classes == 3 and queries.targets == [1, 1, 1, 2, 2, 2] and queries.classes == bank.classes
     config = {"dataset": "imagefolder", "data": str(root), "image_size": 32}
@@ -629,7 +689,7 @@ def test_a_val_class_that_train_lacks_ends_the_run_with_both_lists(moco_checkpoi
         (["--scda-threshold", "inf"], "--scda-threshold"),
         (["--log-every", "0"], "--log-every"),
         (["--seed", "-1"], "--seed"),
-        (["--synthetic-val-size", "0"], "--synthetic-val-size"),
+        (["--val-images", "0"], "--val-images"),
         (["--strategy", "none", "--hard-negatives"], "--hard-negatives"),
         (["--device", "quantum"], "--device"),
     ],

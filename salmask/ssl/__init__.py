@@ -21,7 +21,7 @@ from salmask.ssl._encoders import RESNETS, build_encoder, feature_dim_of, projec
 from salmask.ssl._evaluation import encoder_state_dict, input_filter_of, pretrained_encoder, record_input_filter
 from salmask.ssl._knn import extract_features, knn_predict, knn_top1
 from salmask.ssl._moco import BATCH_NORM_MODES, MoCo, batch_shuffle, batch_unshuffle
-from salmask.ssl._queue import MomentumQueue
+from salmask.ssl._queue import MomentumQueue, check_queue_size
 from salmask.ssl._resumable_data import BAD_IMAGE_POLICIES, BadImageError, ResumableSampler, SeededDataset
 from salmask.ssl._rng import get_rng_state, set_rng_state
 from salmask.ssl._simclr import SimCLR
@@ -53,6 +53,7 @@ __all__ = [
     "batch_shuffle",
     "batch_unshuffle",
     "build_encoder",
+    "check_queue_size",
     "encoder_state_dict",
     "extract_features",
     "feature_dim_of",

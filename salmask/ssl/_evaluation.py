@@ -64,8 +64,8 @@ def encoder_state_dict(checkpoint: Mapping[str, Any], prefix: str = "encoder.") 
 def pretrained_encoder(checkpoint: Mapping[str, Any]) -> nn.Module:
     """The base encoder of a pretraining checkpoint, built as its recorded settings say and loaded.
 
-    Reads ``arch`` and ``small_images`` from the checkpoint's ``config`` (as the example pretraining scripts
-    record them) and loads the weights found under ``encoder.``.
+    Reads ``arch``, ``small_images``, ``stem_stride`` and ``width`` from the checkpoint's ``config`` (as the
+    example pretraining script records them) and loads the weights found under ``encoder.``.
 
     Args:
         checkpoint: from :func:`load_checkpoint`.
@@ -81,7 +81,9 @@ def pretrained_encoder(checkpoint: Mapping[str, Any]) -> nn.Module:
     source = f"checkpoint {checkpoint.get('path', '')}".rstrip()
     if not isinstance(config, Mapping) or "arch" not in config:
         raise CheckpointError(f"{source} does not record its architecture (config['arch'])")
-    encoder = build_encoder(config["arch"], small_images=bool(config.get("small_images", False)))
+    # Settings recorded by earlier versions lack the stem stride and width: torchvision's then.
+    shape = {key: config[key] for key in ("small_images", "stem_stride", "width") if key in config}
+    encoder = build_encoder(config["arch"], **shape)
     load_state_dict_checked(encoder, encoder_state_dict(checkpoint), f"{source} (encoder, {config['arch']})")
     return encoder
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -205,6 +206,16 @@ def knn_predict(
             "classes of the bank's dataset"
         )
     k = min(k, bank_features.shape[0])
+    per_class = bank_features.shape[0] / num_classes
+    if k > per_class:
+        # MoCo's k=200 suits ImageNet's 1,300 images per class; with fewer, most of the k votes come from other
+        # classes whatever the features, and the score says more about k than about the encoder.
+        warnings.warn(
+            f"knn_predict: k={k} neighbours, but the bank holds {per_class:.0f} images per class on average: most "
+            f"votes come from other classes; use k below {per_class:.0f}",
+            UserWarning,
+            stacklevel=2,
+        )
     bank_labels = bank_labels.to(features.device).long()
     scores = []
     for chunk in features.split(chunk_size):

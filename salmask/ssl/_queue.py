@@ -10,7 +10,7 @@ from salmask._defaults import QUEUE_SIZE
 from salmask._validation import check_bool, check_int, check_tensor
 from salmask.distributed import all_gather
 
-__all__ = ["MomentumQueue"]
+__all__ = ["MomentumQueue", "check_queue_size"]
 
 
 class MomentumQueue(nn.Module):
@@ -95,3 +95,46 @@ class MomentumQueue(nn.Module):
         inside ``forward``, which would modify a tensor autograd saved, so it copies, as this does.
         """
         return self.keys.detach().clone()
+
+
+def check_queue_size(queue_size: int, num_images: int, batch_size: int) -> int:
+    """Refuse a MoCo queue that holds the previous keys of the very images of a batch.
+
+    The queue holds the keys of the last ``queue_size`` images seen. With ``num_images`` training images
+    in batches of ``batch_size``, an image's key from the previous epoch is still queued when fewer than
+    ``queue_size`` images came between: with a queue of ``num_images - batch_size`` keys or more, half of
+    every batch (and more) finds its own earlier key among the negatives, and the loss pushes each image
+    away from itself. MoCo's 65,536 keys suit ImageNet's 1.28 M images; a small data set needs a small
+    queue (a quarter of the images keeps the share of a batch meeting its own key under 1/32).
+
+    Args:
+        queue_size: K, the number of queued keys.
+        num_images: the training set's size, all ranks together.
+        batch_size: the global batch size.
+
+    Returns:
+        ``queue_size``.
+
+    Raises:
+        ValueError: ``queue_size >= num_images - batch_size``; the message names the largest fitting queue.
+
+    Example:
+        >>> from salmask.ssl import check_queue_size
+        >>> check_queue_size(4096, num_images=100_000, batch_size=256)
+        4096
+        >>> check_queue_size(1024, num_images=1024, batch_size=64)
+        Traceback (most recent call last):
+            ...
+        ValueError: queue_size=1024 holds the keys of the last 1024 images, but the 1024 training images ...
+    """
+    check_int(queue_size, "queue_size", minimum=1)
+    check_int(num_images, "num_images", minimum=1)
+    check_int(batch_size, "batch_size", minimum=1)
+    if queue_size >= num_images - batch_size:
+        raise ValueError(
+            f"queue_size={queue_size} holds the keys of the last {queue_size} images, but the {num_images} "
+            f"training images come round again every {num_images // batch_size} batches of {batch_size}: half "
+            "of each batch and more would meet its own earlier key as a negative. Use a queue of at most "
+            f"{max(1, num_images // 4)} keys (a quarter of the images), or more images"
+        )
+    return queue_size

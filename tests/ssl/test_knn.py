@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -73,3 +74,13 @@ def test_labels_outside_the_classes_are_refused():
         knn_predict(torch.eye(3), bank, torch.tensor([0, -1, 2]), 3, k=1)
     with pytest.raises(TypeError, match="bank_labels must be an integer tensor"):
         knn_predict(torch.eye(3), bank, torch.tensor([0.0, 1.0, 2.0]), 3, k=1)
+
+
+def test_a_k_larger_than_the_classes_of_the_bank_is_named_by_a_warning():
+    bank = torch.nn.functional.normalize(torch.randn(40, 8), dim=1)
+    labels = torch.arange(40) % 4  # ten images per class
+    with pytest.warns(UserWarning, match=r"k=20 neighbours, but the bank holds 10 images per class"):
+        knn_predict(bank[:5], bank, labels, 4, k=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        knn_predict(bank[:5], bank, labels, 4, k=10)

@@ -10,7 +10,7 @@ from torch import nn
 
 from salmask import Saliency
 from salmask.losses import HardNegativeInfoNCE
-from salmask.ssl import MaskedViews, MoCo, batch_shuffle, batch_unshuffle, build_encoder
+from salmask.ssl import MaskedViews, MoCo, batch_shuffle, batch_unshuffle, build_encoder, check_queue_size
 
 BATCH, SIZE, QUEUE = 4, 16, 32
 
@@ -303,3 +303,31 @@ def test_moco_step_has_no_host_synchronisation_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.loss.is_cuda
+
+
+@pytest.mark.parametrize(("queue_size", "fits"), [(1024, False), (960, False), (959, True), (256, True)])
+def test_a_queue_that_would_hold_a_batch_s_own_earlier_keys_is_refused(queue_size, fits):
+    # 1,024 images in batches of 64: a queue of 960 keys or more holds, for half of each batch, the key the
+    # same image gave one epoch before.
+    if fits:
+        assert check_queue_size(queue_size, num_images=1024, batch_size=64) == queue_size
+    else:
+        with pytest.raises(ValueError, match=r"queue_size=\d+ .* at most 256 keys"):
+            check_queue_size(queue_size, num_images=1024, batch_size=64)
+
+
+def test_the_refused_queue_does_hold_own_keys_for_half_a_batch():
+    # The rule's premise, counted: a queue of N - B keys over shuffled epochs.
+    generator = torch.Generator().manual_seed(0)
+    num_images, batch_size = 256, 16
+    queue_size = num_images - batch_size
+    queued: list[int] = []
+    own = 0
+    for _ in range(4):
+        order = torch.randperm(num_images, generator=generator).tolist()
+        for start in range(0, num_images, batch_size):
+            batch = order[start : start + batch_size]
+            own += len(set(batch) & set(queued[-queue_size:]))
+            queued += batch
+    batches_after_the_first_epoch = 3 * num_images // batch_size
+    assert own / (batches_after_the_first_epoch * batch_size) > 0.4
