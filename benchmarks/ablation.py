@@ -1,464 +1,302 @@
-"""A small ablation on real data: MoCo v2 on Fashion-MNIST with no masking, MSCN-style random masking and
-the three saliency-guided strategies, same budget and seeds, scored by kNN top-1.
+"""The ablation: every masking strategy, with and without hard negatives and saliency from SCDA or the
+truth, on the synthetic shapes and Fashion-MNIST, three seeds, at a budget where pretraining learns.
 
-    python benchmarks/ablation.py                          # 5 configurations x 3 seeds, about 45 min on 2 cores
-    python benchmarks/ablation.py --steps 20 --seeds 0     # a quick smoke run
-    python benchmarks/ablation.py --report-only            # rebuild results/ablation.md from the finished runs
+    python benchmarks/ablation.py                       # everything below, about 5 h on two CPU cores
+    python benchmarks/ablation.py --datasets synthetic --configs none mean --seeds 0 --epochs 2   # a smoke run
+    python benchmarks/ablation.py --report-only         # rewrite results/ablation.md from the records
+    python benchmarks/ablation.py --device cuda --jobs 1
 
-Setup (everything is a flag):
+Each run is the README main job's recipe (``examples/pretrain.py`` with the data set's defaults: SimCLR
+on a ResNet-18 of widths 16-128, AdamW, 32 px shapes or 28 px Fashion-MNIST) with one masking
+configuration, followed by ``examples/linear_eval.py`` on its checkpoint with its defaults:
 
-- Data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``--data``), the first ``--train-images``
-  training images for pretraining and as the kNN memory bank, the 10 000 test images as queries. Images
-  keep their 28 px (with 4 px patches, the paper's 7 x 7 grid) and are repeated to 3 channels.
-- Saliency: SCDA with the offline ImageNet EfficientNet-Lite0 (``salmask.build_scda``), computed once per
-  training image (the image upsampled to ``--scda-size`` 128 px, its 4 x 4 activation map resampled to
-  the 7 x 7 patch grid, threshold mean - 0.6 std) and cached; the cached map is cropped and flipped
-  together with each view, so every view's masks follow its own crop (the saliency-cache route).
-  Fashion-MNIST has no saliency labels; as a check, the report gives the agreement of these maps with
-  the garment's own silhouette (pixels above 5 % intensity).
-- Views: MoCo v2's recipe for grey images, batched on the tensor: random resized crop (scale 0.2-1) and
-  horizontal flip applied to image and saliency together, brightness and contrast jitter (p = 0.8).
-- Model: ``salmask.ssl.MoCo`` on a ResNet-18 with the standard stem (``build_encoder("resnet18")``; the
-  small-image stem costs 15x more per step, beyond the CPU budget), queue 4096, momentum 0.99,
-  temperature 0.2, hard-negative weight 2, SGD lr 0.06 with cosine decay, batch 128, 100 steps (the
-  CPU budget; ``--steps`` for more). The seeds train in parallel processes of one thread each
-  (``--jobs``), which uses small CPUs better than one process with several threads.
-- Masking: ``salmask.ssl.MaskedViews`` with patches of 4 px (a 7 x 7 grid), masking ratio U(0.05, 0.25)
-  for every masked configuration; the release's filters scaled by 28/224 (high-pass kernel 3, sigma 0.62;
-  strong blur kernel 5, sigma 1.25). ``mscn`` is the high-pass recipe with uniform random patches and
-  no hard negatives; the saliency strategies add one hard negative per image.
-- Score: weighted kNN (k = 200, temperature 0.1, cosine) on the encoder's pooled features; models
-  trained on high-pass views are evaluated on high-passed images, as they must be downstream.
+=========================  ======================================================================
+configuration              masking
+=========================  ======================================================================
+``none``                   none: SimCLR as it is
+``mscn``                   MSCN: high-pass views, noise in uniformly random patches, no saliency
+``high_pass``              high-pass views, noise in saliency-guided patches, hard negatives
+``blur``                   saliency-guided patches from a strong blur, hard negatives
+``mean``                   saliency-guided patches set to the image mean, hard negatives
+``mean_no_hard_negatives`` ``mean`` without hard negatives (what the hard negatives add)
+``mean_scda``              ``mean`` with SCDA saliency instead of the true masks (synthetic only)
+=========================  ======================================================================
 
-Each finished run appends a line to ``results/ablation_runs.jsonl`` (a rerun of the same configuration
-and seed replaces it) and saves its encoder under ``benchmarks/.checkpoints/ablation/``;
-``results/ablation.md`` is rewritten after every run. ``--name NAME`` keeps another budget apart:
-``results/NAME.md``, ``results/NAME_runs.jsonl`` and ``.checkpoints/NAME/``.
+Saliency: the synthetic shapes' true masks; on Fashion-MNIST (and for ``mean_scda``), SCDA maps of
+every training image computed once by EfficientNet-Lite0 on the image upsampled to 224 px
+(:func:`salmask.saliency.compute_saliency_cache`), kept in ``.cache/`` and cropped with each view. The
+release's filters are scaled to the view (:func:`salmask.ssl.scaled_release_filters`).
+
+Scores, all on the same held-out images: kNN top-1 (k=200, T=0.1) of the trained encoder, of the same
+encoder untrained and of raw pixels (printed by every pretraining run), and the linear probe's top-1.
+
+Records: each finished run appends one JSON line to ``results/ablation_runs.jsonl`` (never rewritten; the
+report takes the newest line per run) and the report ``results/ablation.md`` is rewritten. A run stopped
+midway continues from its last checkpoint (one per epoch, under ``.checkpoints/ablation/``) when the
+command is run again; finished runs are skipped. ``--name`` keeps another budget's records, checkpoints
+and report apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import math
+import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, markdown_table, write_report
-
-from salmask import HighPassFilter, build_scda
-from salmask.functional import high_pass
-from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD
-from salmask.ssl import MaskedViews, MoCo, build_encoder
+from _common import RESULTS_DIR, machine_description, markdown_table
 
 BENCHMARKS = Path(__file__).resolve().parent
+ROOT = BENCHMARKS.parent
+EXAMPLES = ROOT / "examples"
 CACHE = BENCHMARKS / ".cache"
-DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
-CONFIGS = ("none", "mscn", "high_pass", "blur", "mean")
-SIZE = 28
-PATCH = 4
-FMNIST_MEAN, FMNIST_STD = 0.286, 0.353
-# The release's filters (high-pass kernel 11, sigma 5; strong blur kernel 31, sigma 10) scaled by 28 / 224.
-SCALE = SIZE / 224
-HIGH_PASS = {"kernel_size": 3, "sigma": 5.0 * SCALE}
-STRONG_BLUR = {"kernel_size": 5, "sigma": 10.0 * SCALE}
+DATASETS = ("synthetic", "fashion-mnist")
+# Each configuration's pretraining flags; None where the data set has no such configuration.
+CONFIGS: dict[str, dict[str, list[str] | None]] = {
+    "none": {"synthetic": ["--strategy", "none"], "fashion-mnist": ["--strategy", "none"]},
+    "mscn": {"synthetic": ["--strategy", "mscn", "--saliency", "none"], "fashion-mnist": ["--strategy", "mscn"]},
+    "high_pass": {"synthetic": ["--strategy", "high_pass"], "fashion-mnist": ["--strategy", "high_pass"]},
+    "blur": {"synthetic": ["--strategy", "blur"], "fashion-mnist": ["--strategy", "blur"]},
+    "mean": {"synthetic": ["--strategy", "mean"], "fashion-mnist": ["--strategy", "mean"]},
+    "mean_no_hard_negatives": {
+        "synthetic": ["--strategy", "mean", "--no-hard-negatives"],
+        "fashion-mnist": ["--strategy", "mean", "--no-hard-negatives"],
+    },
+    "mean_scda": {"synthetic": ["--strategy", "mean"], "fashion-mnist": None},
+}
+# Strategies that place masks or hard negatives by saliency; on Fashion-MNIST it comes from SCDA.
+SALIENCY_CONFIGS = ("high_pass", "blur", "mean", "mean_no_hard_negatives", "mean_scda")
+SCDA_IMAGE_SIZE = 224
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format, gzipped): big-endian dims after a 4-byte magic number."""
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_fashion_mnist(root: Path) -> dict[str, torch.Tensor]:
-    """uint8 images ``(N, 28, 28)`` and int64 labels of both splits."""
-    files = {
-        "train_images": "train-images-idx3-ubyte.gz",
-        "train_labels": "train-labels-idx1-ubyte.gz",
-        "test_images": "t10k-images-idx3-ubyte.gz",
-        "test_labels": "t10k-labels-idx1-ubyte.gz",
-    }
-    missing = [name for name in files.values() if not (root / name).is_file()]
-    if missing:
-        raise SystemExit(
-            f"Fashion-MNIST not found in {root} (missing {missing}); apt-get install dataset-fashion-mnist"
-        )
-    out = {key: torch.from_numpy(read_idx(root / name).copy()) for key, name in files.items()}
-    return {key: value.long() if key.endswith("labels") else value for key, value in out.items()}
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, 28, 28)`` -> float ``(N, 1, SIZE, SIZE)`` in [0, 1]."""
-    images = images[:, None].float() / 255.0
-    if images.shape[-1] != SIZE:
-        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
-    return images
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """``(N, 1, H, W)`` in [0, 1] -> the encoder's normalised 3-channel input."""
-    return ((images - FMNIST_MEAN) / FMNIST_STD).expand(-1, 3, -1, -1).contiguous()
-
-
-def scda_saliency(images: torch.Tensor, input_size: int, batch: int = 256) -> torch.Tensor:
-    """Bool ``(N, 7, 7)`` SCDA maps of the whole images (EfficientNet-Lite0 on an upsampling to ``input_size``)."""
-    scda = build_scda("efficientnet_lite0", input_size=input_size, output_size=SIZE // PATCH)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    maps = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch].expand(-1, 3, -1, -1)
-            maps.append(scda((chunk - mean) / std).as_subclass(torch.Tensor).bool())
-    return torch.cat(maps)
-
-
-def cached_saliency(images: torch.Tensor, input_size: int) -> torch.Tensor:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"fashion_mnist_{SIZE}px_scda_lite0_{input_size}px_{len(images)}.pt"
-    if path.is_file():
-        return torch.load(path)
-    start = time.perf_counter()
-    maps = scda_saliency(images, input_size)
-    torch.save(maps, path)
-    print(f"SCDA saliency of {len(images)} images in {time.perf_counter() - start:.0f} s -> {path}", flush=True)
-    return maps
-
-
-def saliency_agreement(maps: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
-    """SCDA cells against the silhouette on the same 7 x 7 grid (a cell is foreground if half its pixels are)."""
-    silhouette = F.avg_pool2d((images > 0.05).float(), PATCH)[:, 0] >= 0.5
-    union = (maps | silhouette).sum((1, 2)).clamp(min=1)
-    iou = ((maps & silhouette).sum((1, 2)) / union).float()
-    return {
-        "iou": iou.mean().item(),
-        "cells": (maps == silhouette).float().mean().item(),
-        "gamma_scda": maps.float().mean().item(),
-        "gamma_silhouette": silhouette.float().mean().item(),
-    }
-
-
-def augment(images: torch.Tensor, saliency: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """One batch of views: crop, flip, jitter; the saliency map follows crop and flip.
-
-    ``images`` ``(B, 1, S, S)`` in [0, 1], ``saliency`` ``(B, 1, S, S)`` float. Returns the normalised
-    ``(B, 3, S, S)`` view and its ``(B, S, S)`` saliency in [0, 1].
-    """
-    batch = images.shape[0]
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.empty(batch).uniform_(low, high, generator=generator)
-
-    area = uniform(0.2, 1.0) * SIZE * SIZE
-    aspect = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
-    width = torch.sqrt(area * aspect).clamp(max=SIZE)
-    height = torch.sqrt(area / aspect).clamp(max=SIZE)
-    left = uniform(0.0, 1.0) * (SIZE - width)
-    top = uniform(0.0, 1.0) * (SIZE - height)
-    boxes = torch.stack([torch.arange(batch, dtype=torch.float), left, top, left + width, top + height], 1)
-    stacked = roi_align(torch.cat([images, saliency], 1), boxes, SIZE, 1.0, 2, aligned=True)
-    flip = (uniform(0.0, 1.0) < 0.5)[:, None, None, None]
-    stacked = torch.where(flip, stacked.flip(-1), stacked)
-    view, view_saliency = stacked[:, :1], stacked[:, 1]
-    jitter = (uniform(0.0, 1.0) < 0.8)[:, None, None, None]
-    brightness = uniform(0.6, 1.4)[:, None, None, None]
-    contrast = uniform(0.6, 1.4)[:, None, None, None]
-    jittered = view * brightness
-    mean = jittered.mean((1, 2, 3), keepdim=True)
-    jittered = ((jittered - mean) * contrast + mean).clamp(0, 1)
-    view = torch.where(jitter, jittered, view)
-    return normalise(view), view_saliency.clamp(0, 1)
-
-
-def masked_views(config: str, generator: torch.Generator) -> MaskedViews:
-    options = {"patch_size": PATCH, "generator": generator}
-    if config == "none":
-        return MaskedViews("none", generator=generator)
-    if config in ("mscn", "high_pass"):
-        return MaskedViews(config, input_filter=HighPassFilter(**HIGH_PASS), **options)
-    if config == "blur":
-        return MaskedViews(
-            "blur", fill_options=dict(STRONG_BLUR), hard_negative_fill_options=dict(STRONG_BLUR), **options
-        )
-    return MaskedViews(config, **options)
-
-
-def eval_input(config: str, images: torch.Tensor) -> torch.Tensor:
-    """What the encoder sees downstream: the normalised image, high-passed for the high-pass recipes."""
-    images = normalise(images)
-    return high_pass(images, **HIGH_PASS) if config in ("mscn", "high_pass") else images
-
-
-@torch.no_grad()
-def features(encoder: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    encoder.eval()
-    out = torch.cat([encoder(images[i : i + batch]) for i in range(0, len(images), batch)])
-    return F.normalize(out.flatten(1), dim=1)
-
-
-@torch.no_grad()
-def knn_top1(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    queries: torch.Tensor,
-    labels: torch.Tensor,
-    k: int = 200,
-    t: float = 0.1,
-) -> float:
-    """Weighted kNN (votes exp(cos / t) of the k nearest bank features), top-1 accuracy in percent."""
-    classes = int(bank_labels.max()) + 1
-    correct = 0
-    for start in range(0, len(queries), 1000):
-        similarity = queries[start : start + 1000] @ bank.T
-        top, index = similarity.topk(k, dim=1)
-        votes = torch.zeros(len(top), classes).scatter_add_(1, bank_labels[index], (top / t).exp())
-        correct += (votes.argmax(1) == labels[start : start + 1000]).sum().item()
-    return 100.0 * correct / len(queries)
-
-
-def train_one(config: str, seed: int, data: dict, args: argparse.Namespace, log) -> dict:
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = MoCo(build_encoder("resnet18"), queue_size=args.queue, momentum=0.99, temperature=0.2)
-    masker = masked_views(config, generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    images, saliency = data["train"], data["saliency"]
-    start = time.perf_counter()
-    model.train()
-    losses = []
-    for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        index = torch.randint(0, len(images), (args.batch,), generator=generator)
-        batch, batch_saliency = images[index], saliency[index]
-        query, query_saliency = augment(batch, batch_saliency, generator)
-        key, key_saliency = augment(batch, batch_saliency, generator)
-        views = masker(query, key, query_saliency, key_saliency)
-        out = model(views.query, views.key, views.hard_negatives, views.hard_negative_valid)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            recent = statistics.fmean(losses[-args.log_every :])
-            log(
-                f"  {config} seed {seed} step {step + 1}/{args.steps} loss {recent:.3f} "
-                f"{time.perf_counter() - start:.0f} s"
-            )
-    train_seconds = time.perf_counter() - start
-    encoder = model.encoder
-    bank = features(encoder, eval_input(config, data["bank"]))
-    queries = features(encoder, eval_input(config, data["test"]))
-    top1 = knn_top1(bank, data["bank_labels"], queries, data["test_labels"])
-    checkpoints = paths(args.name)["checkpoints"]
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"config": config, "seed": seed, "encoder": encoder.state_dict(), "projector": model.projector.state_dict()},
-        checkpoints / f"{config}_seed{seed}.pt",
-    )
-    return {
-        "config": config,
-        "seed": seed,
-        "knn_top1": top1,
-        "final_loss": statistics.fmean(losses[-args.log_every :]),
-        "train_seconds": round(train_seconds, 1),
-        "steps": args.steps,
-        "batch": args.batch,
-        "train_images": args.train_images,
-    }
-
-
-def references(data: dict, seeds: list[int]) -> list[list[object]]:
-    """kNN of raw pixels and of randomly initialised encoders: what pretraining has to beat."""
-    rows = []
-    pixels = F.normalize(data["bank"].flatten(1) - FMNIST_MEAN, dim=1)
-    queries = F.normalize(data["test"].flatten(1) - FMNIST_MEAN, dim=1)
-    rows.append(["raw pixels", f"{knn_top1(pixels, data['bank_labels'], queries, data['test_labels']):.2f}", "-", 1])
-    scores = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        encoder = build_encoder("resnet18")
-        bank = features(encoder, normalise(data["bank"]))
-        test = features(encoder, normalise(data["test"]))
-        scores.append(knn_top1(bank, data["bank_labels"], test, data["test_labels"]))
-    spread = f"{statistics.stdev(scores):.2f}" if len(scores) > 1 else "-"
-    rows.append(["random-init ResNet-18 (no training)", f"{statistics.fmean(scores):.2f}", spread, len(scores)])
-    return rows
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def paths(name: str) -> dict[str, Path]:
-    """Where a run named ``name`` keeps its records, references and encoders (``--name``: another budget
-    gets its own table instead of mixing with the default one)."""
     return {
         "runs": RESULTS_DIR / f"{name}_runs.jsonl",
-        "extra": RESULTS_DIR / f"{name}_extra.json",
+        "report": RESULTS_DIR / f"{name}.md",
         "checkpoints": BENCHMARKS / ".checkpoints" / name,
     }
 
 
-def load_runs(name: str) -> list[dict]:
-    """The finished runs, the last record of each (configuration, seed)."""
-    runs_file = paths(name)["runs"]
-    if not runs_file.is_file():
-        return []
-    runs = {}
-    for line in runs_file.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            runs[record["config"], record["seed"]] = record
-    return sorted(runs.values(), key=lambda r: (CONFIGS.index(r["config"]), r["seed"]))
+def budget_flags(args: argparse.Namespace) -> list[str]:
+    return [] if args.epochs is None else ["--epochs", str(args.epochs)]
 
 
-def save_run(result: dict, name: str) -> None:
-    runs_file = paths(name)["runs"]
-    runs_file.parent.mkdir(parents=True, exist_ok=True)
-    with runs_file.open("a") as handle:  # one short append per run: safe with parallel seed processes
-        handle.write(json.dumps(result) + "\n")
+def saliency_cache(dataset: str, args: argparse.Namespace) -> Path:
+    """SCDA maps of a data set's training images, computed once for every run and seed (the synthetic
+    images do not depend on the seed's draws of the views, only on the data seed, which is fixed here)."""
+    sys.path.insert(0, str(EXAMPLES))
+    from _common import dataset_splits
+
+    from salmask.saliency import build_scda, compute_saliency_cache, load_saliency_cache
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    size = {"synthetic": 32, "fashion-mnist": 28}[dataset]
+    images = {"synthetic": 2048, "fashion-mnist": 10000}[dataset]
+    path = CACHE / f"{dataset}_{images}_scda_lite0_{SCDA_IMAGE_SIZE}px.pt"
+    if path.is_file():
+        return path
+    train, _, _ = dataset_splits(
+        dataset, None, image_size=size, train_transform=None, val_transform=None, train_images=images, val_images=1
+    )
+    started = time.perf_counter()
+    with torch.no_grad():
+        cache = compute_saliency_cache(train, build_scda("efficientnet_lite0"), image_size=SCDA_IMAGE_SIZE)
+    cache.save(path)
+    load_saliency_cache(path)  # what every run will read
+    print(f"SCDA maps of {len(train)} {dataset} images in {time.perf_counter() - started:.0f} s -> {path}", flush=True)
+    return path
 
 
-def report(args: argparse.Namespace) -> None:
-    extra_file = paths(args.name)["extra"]
-    extra = json.loads(extra_file.read_text()) if extra_file.is_file() else {}
+def uses_scda(dataset: str, config: str) -> bool:
+    return config == "mean_scda" or (dataset == "fashion-mnist" and config in SALIENCY_CONFIGS)
+
+
+def run_flags(dataset: str, config: str, args: argparse.Namespace) -> list[str]:
+    flags = ["--dataset", dataset, *CONFIGS[config][dataset]]
+    if uses_scda(dataset, config):
+        flags += ["--saliency-cache", str(saliency_cache(dataset, args))]
+    return flags
+
+
+def run_one(dataset: str, config: str, seed: int, args: argparse.Namespace, log) -> dict:
+    """Pretrain (continuing a stopped run), then the linear probe; the record of the finished run."""
+    folder = paths(args.name)["checkpoints"] / dataset / config / f"seed{seed}"
+    checkpoint = folder / "checkpoint.pt"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    common = ["--device", args.device, "--threads", str(args.threads)]
+    if checkpoint.is_file():
+        pretrain = ["--resume", str(checkpoint), *common]
+    else:
+        pretrain = [*run_flags(dataset, config, args), "--seed", str(seed), "--output-dir", str(folder)]
+        pretrain += [*common, *budget_flags(args)]
+    started = time.perf_counter()
+    for script, flags in (("pretrain.py", pretrain), ("linear_eval.py", [str(checkpoint)])):
+        if script == "linear_eval.py":
+            pretrain_s = time.perf_counter() - started
+            flags += ["--output-dir", str(folder / "linear"), "--device", args.device]
+        command = [sys.executable, str(EXAMPLES / script), *flags]
+        log(f"{dataset} {config} seed {seed}: {' '.join(command[1:])}")
+        result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{dataset} {config} seed {seed}: {script} failed:\n{result.stderr[-3000:]}")
+        if script == "linear_eval.py":
+            linear = json.loads((folder / "linear" / "metrics.jsonl").read_text().splitlines()[-1])
+    knn = json.loads((folder / "knn.json").read_text())
+    return {
+        "dataset": dataset,
+        "config": config,
+        "seed": seed,
+        "epochs": knn["epochs"],
+        "knn": knn["trained"],
+        "knn_untrained": knn["untrained"],
+        "knn_raw_pixels": knn["raw_pixels"],
+        "linear": linear["top1"],
+        "pretrain_s": round(pretrain_s, 1),
+        "total_s": round(time.perf_counter() - started, 1),
+        "device": args.device,
+        "threads": args.threads,
+        "commit": commit(),
+        "machine": machine_description(torch.device(args.device)),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def load_runs(name: str) -> dict[tuple[str, str, int], dict]:
+    """The newest record of each (data set, configuration, seed)."""
+    records: dict[tuple[str, str, int], dict] = {}
+    path = paths(name)["runs"]
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[(record["dataset"], record["config"], record["seed"])] = record
+    return records
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def report(args: argparse.Namespace) -> Path:
     runs = load_runs(args.name)
-    rows = []
-    for config in CONFIGS:
-        scores = [r["knn_top1"] for r in runs if r["config"] == config]
-        if not scores:
+    sections = []
+    for dataset in DATASETS:
+        done = [record for (name, _, _), record in runs.items() if name == dataset]
+        if not done:
             continue
-        seeds = sorted(r["seed"] for r in runs if r["config"] == config)
-        spread = f"{statistics.stdev(scores):.2f}" if len(scores) > 1 else "-"
-        seconds = statistics.fmean(r["train_seconds"] for r in runs if r["config"] == config)
-        rows.append(
-            [
-                config,
-                f"{statistics.fmean(scores):.2f}",
-                spread,
-                ", ".join(f"{s:.2f}" for s in scores),
-                ", ".join(map(str, seeds)),
-                f"{seconds:.0f}",
-            ]
+        rows = []
+        for config in CONFIGS:
+            records = sorted((r for r in done if r["config"] == config), key=lambda r: r["seed"])
+            if records:
+                rows.append(
+                    [
+                        f"`{config}`",
+                        mean_std([r["knn"] for r in records]),
+                        mean_std([r["linear"] for r in records]),
+                        ", ".join(f"{r['knn']:.1f}" for r in records),
+                        len(records),
+                        f"{statistics.mean(r['pretrain_s'] for r in records) / 60:.1f}",
+                        ", ".join(sorted({r["commit"] for r in records})),
+                    ]
+                )
+        # The references, by the same kNN protocol on the same held-out images, from every run's own printout.
+        untrained = [r["knn_untrained"] for r in done if r["config"] == "none"] or [r["knn_untrained"] for r in done]
+        raw = sorted({r["knn_raw_pixels"] for r in done})
+        rows.append(["random initialisation (untrained encoder)", mean_std(untrained), "", "", len(untrained), "", ""])
+        rows.append(["raw pixels", mean_std(raw), "", "", "", "", ""])
+        epochs = sorted({r["epochs"] for r in done})
+        table = markdown_table(
+            ["configuration", "kNN top-1", "linear top-1", "kNN per seed", "seeds", "pretrain min / run", "commit"],
+            rows,
         )
-    setup = runs[0] if runs else {}
-    sections = [
-        "## 6. Ablation on Fashion-MNIST (kNN top-1, %)\n\n"
-        f"MoCo v2, ResNet-18 (standard stem) at {SIZE} px, {setup.get('steps', '?')} steps of batch "
-        f"{setup.get('batch', '?')} on the first {setup.get('train_images', '?')} training images (the kNN "
-        "memory bank), 10 000 test images as queries; weighted kNN k = 200, t = 0.1. Mean and sample "
-        "standard deviation over seeds; same seeds and budget for every configuration; `train s / run` is "
-        "wall time with the seeds trained in parallel processes of one thread each. See the docstring of "
-        "`benchmarks/ablation.py` for the full setup.\n\n"
-        + markdown_table(["configuration", "kNN top-1", "std", "per seed", "seeds", "train s / run"], rows)
+        sections.append(
+            f"## {dataset}\n\n{epochs} epochs per run (data set defaults of `examples/pretrain.py`, README). kNN "
+            "and linear top-1 in % as mean ± standard deviation over seeds, on the held-out images.\n\n" + table
+        )
+    machines = sorted({r["machine"].split("; date")[0] for r in runs.values()})
+    command = "python benchmarks/ablation.py" + (f" --name {args.name}" if args.name != "ablation" else "")
+    path = paths(args.name)["report"]
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    body = [
+        "# Ablation: masking strategies at a budget where pretraining learns",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Machines: " + "; ".join(machines),
+        "",
+        *[section + "\n" for section in sections],
     ]
-    if extra.get("references"):
-        sections.append(
-            "References (no pretraining):\n\n"
-            + markdown_table(["encoder", "kNN top-1", "std", "seeds"], extra["references"])
-        )
-    if extra.get("agreement"):
-        a = extra["agreement"]
-        sections.append(
-            "Saliency check: SCDA (EfficientNet-Lite0, ImageNet) on the training images against the garment's "
-            f"silhouette on the 7 x 7 grid: mean IoU {a['iou']:.3f}, cells that agree {a['cells']:.3f}, "
-            f"foreground fraction {a['gamma_scda']:.3f} (SCDA) vs {a['gamma_silhouette']:.3f} (silhouette)."
-        )
-    command = extra.get("command", args.command)
-    print(
-        f"wrote {write_report(args.name, 'Ablation on real data', command, torch.device('cpu'), sections)}", flush=True
-    )
+    path.write_text("\n".join(body))
+    return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.06)
-    parser.add_argument("--queue", type=int, default=4096)
-    parser.add_argument("--train-images", type=int, default=10000)
-    parser.add_argument(
-        "--scda-size", type=int, default=128, help="SCDA input size (its 4 x 4 map is resampled to 7 x 7)"
-    )
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 per seed process)")
-    parser.add_argument("--jobs", type=int, default=3, help="seeds trained in parallel, one process of one thread each")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--name", default="ablation", help="results/<name>.md, its runs file and checkpoints")
-    parser.add_argument("--report-only", action="store_true", help="rebuild results/<name>.md from the runs file")
-    args = parser.parse_args()
-    args.command = "python benchmarks/ablation.py " + " ".join(sys.argv[1:])
-    args.command = args.command.strip()
+    parser.add_argument("--epochs", type=int, help="pretraining epochs (default: the data set's in pretrain.py)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default: 1)")
+    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (default: cpu)")
+    parser.add_argument("--name", default="ablation", help="records, checkpoints and report name")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the records")
+    args = parser.parse_args(argv)
     if args.report_only:
-        torch.set_num_threads(args.threads or 1)  # the machine line names the threads the runs used by default
-        report(args)
+        print(f"wrote {report(args)}")
         return
-    parallel = args.jobs > 1 and len(args.seeds) > 1 and not args.worker
-    if args.threads or parallel or args.worker:
-        torch.set_num_threads(args.threads or 1)
+    done = load_runs(args.name)
+    todo = [
+        (dataset, config, seed)
+        for seed in args.seeds
+        for dataset in args.datasets
+        for config in args.configs
+        if CONFIGS[config][dataset] is not None and (dataset, config, seed) not in done
+    ]
+    log_path = RESULTS_DIR / f"{args.name}.log"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
 
     def log(message: str) -> None:
-        print(message, flush=True)
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        print(line, flush=True)
+        with log_path.open("a") as handle:
+            handle.write(line + "\n")
 
-    raw = load_fashion_mnist(args.data)
-    train = to_unit(raw["train_images"][: args.train_images])
-    data = {
-        "train": train,
-        "bank": train,
-        "bank_labels": raw["train_labels"][: args.train_images],
-        "test": to_unit(raw["test_images"]),
-        "test_labels": raw["test_labels"],
-    }
-    maps = cached_saliency(train, args.scda_size)
-    data["saliency"] = F.interpolate(maps[:, None].float(), size=(SIZE, SIZE), mode="nearest")
-    if not args.worker:
-        extra = {
-            "agreement": saliency_agreement(maps, train),
-            "references": references(data, args.seeds),
-            "command": args.command,
-        }
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        paths(args.name)["extra"].write_text(json.dumps(extra, indent=1))
-        log(f"saliency agreement {extra['agreement']}; references {extra['references']}")
-    if parallel:
-        run_seed_processes(args)
+    log(f"{len(todo)} runs to do, {args.jobs} at a time, on {platform.node() or 'this machine'} ({commit()})")
+    for dataset in {dataset for dataset, config, _ in todo if uses_scda(dataset, config)}:
+        saliency_cache(dataset, args)  # once, before the runs that share it start
+
+    def work(item: tuple[str, str, int]) -> None:
+        record = run_one(*item, args, log)
+        with paths(args.name)["runs"].open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        log(f"{item[0]} {item[1]} seed {item[2]}: kNN {record['knn']:.2f} linear {record['linear']:.2f}")
         report(args)
-        return
-    for seed in args.seeds:  # seed-major: a partial run still compares every configuration
-        for config in args.configs:
-            result = train_one(config, seed, data, args, log)
-            save_run(result, args.name)
-            log(f"{config} seed {seed}: kNN top-1 {result['knn_top1']:.2f} ({result['train_seconds']:.0f} s)")
-            report(args)
 
-
-def run_seed_processes(args: argparse.Namespace) -> None:
-    """Train the seeds in ``args.jobs`` parallel processes of one torch thread each (same flags otherwise)."""
-    common = ["--data", str(args.data), "--configs", *args.configs, "--steps", str(args.steps)]
-    common += ["--batch", str(args.batch), "--lr", str(args.lr), "--queue", str(args.queue)]
-    common += ["--train-images", str(args.train_images), "--scda-size", str(args.scda_size)]
-    common += ["--log-every", str(args.log_every), "--threads", str(args.threads or 1), "--name", args.name, "--worker"]
-    pending = list(args.seeds)
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            seed = pending.pop(0)
-            running.append(subprocess.Popen([sys.executable, __file__, *common, "--seeds", str(seed)]))
-        running[0].wait()
-        running = [process for process in running if process.poll() is None]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for future in [pool.submit(work, item) for item in todo]:
+            future.result()
+    print(f"wrote {report(args)}")
 
 
 if __name__ == "__main__":

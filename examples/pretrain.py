@@ -85,6 +85,7 @@ from salmask.ssl import (
     record_input_filter,
     restore_training_state,
     save_checkpoint,
+    scaled_release_filters,
     training_state,
 )
 
@@ -123,6 +124,7 @@ DEFAULTS: dict[str, Any] = {
     "temperature": 0.2,
     "hard_negative_weight": 2.0,
     "workers": 8,
+    "threads": None,
     "seed": 0,
     "device": "auto",
     "amp": None,
@@ -336,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="SimCLR: batch norm over the global batch under DDP" + default("sync_batch_norm"),
     )
     add("--workers", type=int, help="data-loading processes per rank" + default("workers"))
+    add(
+        "--threads",
+        type=int,
+        help="CPU threads of the training process (default: the CPUs left to each rank after its data workers; "
+        "a busy or oversubscribed CPU runs several times slower)",
+    )
     add("--seed", type=int, help="random seed" + default("seed"))
     add("--device", help="'auto', 'cpu', 'cuda'" + default("device"))
     add("--amp", action=argparse.BooleanOptionalAction, help="mixed precision (default: on with CUDA)")
@@ -475,6 +483,8 @@ def check_config(config: dict[str, Any]) -> None:
             integer(key, 1)
     for key in ("workers", "knn_every", "warmup_epochs", "seed"):
         integer(key, 0)
+    if config["threads"] is not None:
+        integer("threads", 1)
     integer("scda_image_size", 32)
     in_memory = config["dataset"] in IN_MEMORY
     for key in ("train_images", "val_images"):
@@ -584,11 +594,14 @@ def augmentation(config: dict[str, Any]) -> v2.Compose:
     )
 
 
-def build_datasets(config: dict[str, Any], device: torch.device) -> tuple[Any, Any, Any, int]:
+def build_datasets(
+    config: dict[str, Any], device: torch.device, needs_saliency: bool = True
+) -> tuple[Any, Any, Any, int]:
     """(training set of view pairs, kNN bank, kNN queries, number of classes).
 
     The training images come with their saliency where the run uses some: the synthetic shapes' true
-    masks, a saliency cache, or (data sets held in memory) SCDA maps computed once here for every image.
+    masks, a saliency cache, or (data sets held in memory) SCDA maps computed once here for every image,
+    unless the masking ``needs_saliency`` not.
     """
     views = TwoViews(augmentation(config))
     name, in_memory = config["dataset"], config["dataset"] in IN_MEMORY
@@ -606,7 +619,7 @@ def build_datasets(config: dict[str, Any], device: torch.device) -> tuple[Any, A
         )
     elif config["saliency"] == "cache" and not in_memory:
         train = SaliencyImageFolder(Path(config["data"]) / "train", config["saliency_cache"], transform=views)
-    elif in_memory and config["saliency"] in ("cache", "scda"):
+    elif in_memory and config["saliency"] in ("cache", "scda") and needs_saliency:
         images, _, _ = dataset_splits(name, config["data"], train_transform=None, val_transform=None, **splits)
         cache = config["saliency_cache"]
         if cache is None:
@@ -632,6 +645,12 @@ def build_masker(config: dict[str, Any], device: torch.device) -> MaskedViews:
             "mask_ratio": tuple(config["mask_ratio"]),
             "hard_negative_mask_ratio": tuple(config["hard_negative_ratio"]),
         }
+    # The release's filters were made for 224 px views: scaled with the view, as the patch grid is.
+    high_pass, blur = scaled_release_filters(config["image_size"])
+    if config["strategy"] in ("high_pass", "mscn"):
+        options["input_filter"] = high_pass
+    elif config["strategy"] == "blur":
+        options.update(fill_options=blur, hard_negative_fill_options=blur)
     masker = MaskedViews(
         config["strategy"], scda=scda, hard_negatives=config["hard_negatives"], patch_size=patch_size, **options
     )
@@ -678,6 +697,16 @@ def build_optimizer(config: dict[str, Any], model: torch.nn.Module) -> torch.opt
     return create_optimizer_v2(
         model, config["optimizer"], lr=config["lr"], weight_decay=config["weight_decay"], **options
     )
+
+
+def cpu_threads(config: dict[str, Any], world_size: int) -> int:
+    """Threads for a CPU run: given, or the CPUs each rank has left beside its data workers. More threads than
+    cores make the threads wait on each other: with two cores, one data worker and two threads, a step took
+    five times as long as with one thread."""
+    if config["threads"] is not None:
+        return config["threads"]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // world_size - config["workers"])
 
 
 def check_room_for_checkpoints(output_dir: Path, model: torch.nn.Module) -> None:
@@ -732,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = get_rank(), get_world_size()
     setup_logging(rank)
     on_gpu = device.type == "cuda"
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config, world_size))
     amp = on_gpu if config["amp"] is None else config["amp"]
     channels_last = on_gpu if config["channels_last"] is None else config["channels_last"]
     if amp and not on_gpu:
@@ -745,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: a sampler that can start an epoch part-way, items whose augmentation a resume repeats exactly.
-    train_set, bank_set, query_set, num_classes = build_datasets(config, device)
+    masker = build_masker(config, device)
+    train_set, bank_set, query_set, num_classes = build_datasets(config, device, masker.needs_saliency)
     train_set = SeededDataset(train_set, seed=config["seed"], on_bad_image=config["on_bad_image"])
     per_rank_batch = config["batch_size"] // world_size
     sampler = ResumableSampler(train_set, shuffle=True, seed=config["seed"], drop_last=True)
@@ -772,7 +804,6 @@ def main(argv: list[str] | None = None) -> int:
         for dataset in (bank_set, query_set)
     ]
 
-    masker = build_masker(config, device)
     config["input_filter"] = record_input_filter(masker.input_filter)
     logger.info("settings: %s", json.dumps(config, sort_keys=True))
     if rank == 0:

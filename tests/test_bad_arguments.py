@@ -322,6 +322,7 @@ class Environment:
             "batch_shuffle": (salmask.ssl.batch_shuffle, {"images": views}),
             "batch_unshuffle": (salmask.ssl.batch_unshuffle, {"outputs": views, "restore": None}),
             "build_encoder": (salmask.ssl.build_encoder, {"name": "resnet18", "small_images": True}),
+            "scaled_release_filters": (salmask.ssl.scaled_release_filters, {"view_size": 32}),
             "check_queue_size": (
                 salmask.ssl.check_queue_size,
                 {"queue_size": 16, "num_images": 128, "batch_size": 8},

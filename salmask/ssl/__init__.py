@@ -28,7 +28,7 @@ from salmask.ssl._simclr import SimCLR
 from salmask.ssl._stopping import StopSignal, finite_or_raise
 from salmask.ssl._three_views import ThreeViews, ThreeViewsOutput
 from salmask.ssl._training_state import load_state_dict_checked, restore_training_state, training_state
-from salmask.ssl._views import STRATEGIES, MaskedViews, MaskedViewsOutput, TwoViews
+from salmask.ssl._views import STRATEGIES, MaskedViews, MaskedViewsOutput, TwoViews, scaled_release_filters
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
@@ -69,6 +69,7 @@ __all__ = [
     "record_input_filter",
     "restore_training_state",
     "save_checkpoint",
+    "scaled_release_filters",
     "set_rng_state",
     "training_state",
     "without_classifier",

@@ -9,9 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from salmask._defaults import (
+    BLUR_KERNEL_SIZE,
+    BLUR_SIGMA,
     HARD_NEGATIVE_MASK_RATIO,
     HIGH_PASS_HARD_NEGATIVE_NOISE_STD,
+    HIGH_PASS_KERNEL_SIZE,
     HIGH_PASS_NOISE_STD,
+    HIGH_PASS_SIGMA,
     MASK_RATIO,
     PATCH_SIZE,
     RELEASE_MASK_TYPE_PROBS,
@@ -22,6 +26,7 @@ from salmask._generators import generator_in_process, picklable_state
 from salmask._validation import (
     check_fraction,
     check_generator,
+    check_int,
     check_mapping,
     check_mask_ratio,
     check_mask_type_probs,
@@ -34,7 +39,7 @@ from salmask.functional._masking import check_fill
 from salmask.saliency import SCDA
 from salmask.transforms import HighPassFilter
 
-__all__ = ["STRATEGIES", "MaskedViews", "MaskedViewsOutput", "TwoViews"]
+__all__ = ["STRATEGIES", "MaskedViews", "MaskedViewsOutput", "TwoViews", "scaled_release_filters"]
 
 
 class _Strategy(NamedTuple):
@@ -346,6 +351,41 @@ class MaskedViews(nn.Module):
         return MaskedViewsOutput(
             masked_query, key, hard_negatives, hard_negative_valid, query_params, hard_negative_params
         )
+
+
+def scaled_release_filters(view_size: int) -> tuple[HighPassFilter, dict[str, Any]]:
+    """The release's filters, made for 224 px views, scaled to views of ``view_size`` pixels.
+
+    The high-pass filter (kernel 11, sigma 5) and the strong blur (kernel 31, sigma 10) are scaled by
+    ``view_size / 224``, as the patch grid is (32 px patches at 224 px, 4 px at 32 px), kernels rounded to
+    odd sizes of at least 3: at 32 px, 3 and 5 pixels. Unscaled, the blur would turn a 32 px view into its
+    mean and the high-pass filter would keep nearly all of it.
+
+    Args:
+        view_size: side of the views in pixels.
+
+    Returns:
+        ``(input_filter, blur_options)``: the :class:`~salmask.HighPassFilter` for ``MaskedViews(...,
+        input_filter=...)`` of the high-pass recipes, and the ``fill_options`` (and
+        ``hard_negative_fill_options``) of the ``"blur"`` strategy.
+
+    Example:
+        >>> from salmask.ssl import MaskedViews, scaled_release_filters
+        >>> high_pass, blur = scaled_release_filters(32)
+        >>> (high_pass.kernel_size, round(high_pass.sigma, 3)), (blur["kernel_size"], round(blur["sigma"], 3))
+        ((3, 0.714), (5, 1.429))
+        >>> scaled_release_filters(224)[1]
+        {'kernel_size': 31, 'sigma': 10.0}
+        >>> masker = MaskedViews("blur", patch_size=4, fill_options=blur, hard_negative_fill_options=blur)
+    """
+    check_int(view_size, "view_size", minimum=1)
+    scale = view_size / 224
+
+    def odd(kernel_size: int) -> int:
+        return max(3, round(kernel_size * scale) // 2 * 2 + 1)
+
+    high_pass = HighPassFilter(odd(HIGH_PASS_KERNEL_SIZE), HIGH_PASS_SIGMA * scale)
+    return high_pass, {"kernel_size": odd(BLUR_KERNEL_SIZE), "sigma": BLUR_SIGMA * scale}
 
 
 class TwoViews:
