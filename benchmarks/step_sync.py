@@ -34,6 +34,7 @@ import importlib.util
 import io
 import json
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -127,9 +128,12 @@ class StepSyncRecorder:
     def record(self, stack: list[traceback.FrameSummary], in_step: bool | None = None) -> None:
         if self.loading:
             return
+        if in_step is None:
+            # Another thread (the loader's pin-memory thread) is not the step, whatever the main thread is doing.
+            in_step = self.in_step and threading.current_thread() is threading.main_thread()
         loop, origin = where(stack)
         site = self.sites.setdefault((loop, origin), Site(loop, origin))
-        if self.in_step if in_step is None else in_step:
+        if in_step:
             site.in_step += 1
         else:
             site.around_step += 1
