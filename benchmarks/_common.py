@@ -128,7 +128,10 @@ def machine_description(device: torch.device) -> str:
         f"Python {sys.version.split()[0]}, torch {torch.__version__}",
     ]
     if device.type == "cuda":
-        parts.append(gpu_description(device))
+        try:
+            parts.append(gpu_description(device))
+        except (RuntimeError, AssertionError) as error:  # a report of a failed run must still be written
+            parts.append(f"GPU {device} not readable: {error}")
     parts.append(f"date: {datetime.date.today().isoformat()}")
     return "; ".join(parts)
 
