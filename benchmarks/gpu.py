@@ -184,7 +184,8 @@ def junit_outcomes(path: Path) -> list[dict[str, Any]]:
 def section_tests(section: Section) -> None:
     files = cuda_test_files()
     report = section.workdir / "cuda_tests.xml"
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", f"--junitxml={report}"]
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "--tb=short", "-p", "no:cacheprovider"]
+    command.append(f"--junitxml={report}")
     command += files
     section.parts = [
         "## CUDA-marked tests\n\n"
@@ -212,7 +213,8 @@ def section_tests(section: Section) -> None:
     rows = [[o["test"], o["outcome"], f"{o['seconds']:.2f}", o["message"].replace("|", "/")] for o in outcomes]
     section.parts.append(f"{section.headline}.\n\n" + markdown_table(["test", "outcome", "s", "message"], rows))
     if not outcomes or exit_code not in (0, 5):
-        tail = "\n".join((output or "").splitlines()[-40:])
+        # Enough of pytest's report to fix a failure without running it again.
+        tail = "\n".join((output or "").splitlines()[-200:])
         section.parts.append(f"pytest's last lines:\n\n```\n{tail}\n```")
     section.write()
     if exit_code not in (0, 5) or not outcomes:
@@ -318,9 +320,10 @@ def fill_row(
     if section.time_left() < 10:
         return [label, "skipped: time budget", *["-"] * 9]
     try:
-        samples = time_interleaved(
-            {"copy": copy, "call": call}, device, config["fill_rounds"], warmup=2, inner=config["fill_inner"]
-        )
+        call()
+        # Calls of a few ms and more (torchvision's 2-D blur kernels) are timed one at a time.
+        inner = config["fill_inner"] if time_block(call, device) < 2.0 else 1
+        samples = time_interleaved({"copy": copy, "call": call}, device, config["fill_rounds"], warmup=1, inner=inner)
     except Exception as error:  # one failing call must not cost the others their numbers
         results["calls"][label] = {"error": repr(error)}
         return [label, f"error: {type(error).__name__}: {str(error)[:120]}", *["-"] * 9]
