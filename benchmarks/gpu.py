@@ -583,31 +583,30 @@ def section_moco_step(section: Section) -> None:
 # --- 4. pretraining with the step under sync debug mode --------------------------------------------------
 
 
-def section_pretrain(section: Section) -> None:
+def pretraining_runs(section: Section) -> dict[str, tuple[list[str], int]]:
+    """The runs of the section: pretrain.py as it trains on the device (AMP on with CUDA) and, on a GPU, once
+    more without AMP, whose gradient scaler is then off: what the step costs the host apart from it."""
+    epochs = section.settings["pretrain"]["epochs"]
+    if section.device.type != "cuda":
+        return {"as configured": ([], epochs)}
+    return {"AMP (the default on CUDA)": ([], epochs), "without AMP (--no-amp)": (["--no-amp"], max(1, epochs // 2))}
+
+
+def run_pretraining(section: Section, label: str, extra: list[str], epochs: int, index: int) -> dict[str, Any]:
+    """One pretraining through step_sync.py; its table and sites appended to the section."""
     config = section.settings["pretrain"]
-    output_dir = section.workdir / "pretrain"
-    report_path = section.workdir / "step_sync.json"
+    output_dir = section.workdir / f"pretrain_{index}"
+    report_path = section.workdir / f"step_sync_{index}.json"
     pretrain_argv = [
         "--device", section.device.type, "--output-dir", str(output_dir),
         "--synthetic-train-size", str(config["train"]), "--synthetic-val-size", str(config["val"]),
-        "--batch-size", str(config["batch"]), "--epochs", str(config["epochs"]),
-        "--warmup-epochs", str(min(1, config["epochs"] - 1)), "--workers", str(config["workers"]),
-        "--log-every", "10", "--knn-every", "0",
+        "--batch-size", str(config["batch"]), "--epochs", str(epochs), "--warmup-epochs", str(min(1, epochs - 1)),
+        "--workers", str(config["workers"]), "--log-every", "10", "--knn-every", "0", *extra,
     ]  # fmt: skip
     command = [sys.executable, str(BENCHMARKS / "step_sync.py"), "--mode", section.sync_debug_mode]
     command += ["--report", str(report_path), "--", *pretrain_argv]
     shown = shlex.join(["python", "benchmarks/step_sync.py", *command[2:]]).replace(str(section.workdir), "$WORK")
-    section.parts = [
-        "## `examples/pretrain.py` on its synthetic data\n\n"
-        f"`{shown}`\n\n"
-        "The step (from the training loader's hand-over of a batch to `GradScaler.update()`: moving the "
-        "views, masking, forward, backward, optimizer step) runs under "
-        f'`torch.cuda.set_sync_debug_mode("{section.sync_debug_mode}")`, the rest of the loop under '
-        '`"warn"`; every synchronising call is recorded with the line of `pretrain.py` it came from and the '
-        "innermost line that made it (`benchmarks/step_sync.py`). On a CPU a dispatch mode stands in for "
-        "the sync debug mode and also records the CPU-only paths (the fills read their mask counts there): "
-        "only a GPU run says whether the step synchronises."
-    ]
+    section.parts.append(f"### {label}\n\n`{shown}`")
     section.write()
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     started = time.time()
@@ -617,14 +616,15 @@ def section_pretrain(section: Section) -> None:
         )
         exit_code, output = result.returncode, result.stdout + result.stderr
     except subprocess.TimeoutExpired as error:
-        exit_code, output = None, str(error.stdout or "")
+        exit_code = None
+        output = error.stdout.decode(errors="replace") if isinstance(error.stdout, bytes) else (error.stdout or "")
     seconds = time.time() - started
     print("\n".join(output.splitlines()[-25:]), flush=True)
     if not report_path.is_file():
-        tail = "\n".join(output.splitlines()[-40:])
+        tail = "\n".join(output.splitlines()[-60:])
         section.parts.append(f"No report (exit code {exit_code}, {seconds:.0f} s). Last lines:\n\n```\n{tail}\n```")
         section.write()
-        raise RuntimeError(f"the pretraining wrote no report (exit code {exit_code})")
+        return {"label": label, "exit": exit_code, "error": "no report", "steps": 0}
     report = json.loads(report_path.read_text())
     speeds = []
     metrics = output_dir / "metrics.jsonl"
@@ -632,8 +632,7 @@ def section_pretrain(section: Section) -> None:
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         speeds = [record["images_per_s"] for record in records if "images_per_s" in record]
     knn = next((line.split("; checkpoint")[0] for line in report["output"] if line.startswith("kNN top-1")), "-")
-    steps = max(report["steps"], 1)
-    verdict = "yes" if report["step_free_of_synchronisation"] else "no"
+    steps, around = max(report["steps"], 1), report["around_step"]
     rows = [
         ["steps watched", report["steps"]],
         ["exit", report["exit"] if report["error"] is None else f"{report['exit']} ({report['error']})"],
@@ -642,29 +641,55 @@ def section_pretrain(section: Section) -> None:
         ["kNN monitor", knn],
         ["detector", report["detector"]],
         ["synchronising calls inside the steps", report["in_step"]],
-        [
-            "synchronising calls around them (per step)",
-            f"{report['around_step']} ({report['around_step'] / steps:.2f})",
-        ],
-        ["step free of host synchronisation", verdict],
-    ]
+        ["synchronising calls around them (per step)", f"{around} ({around / steps:.2f})"],
+        ["step free of host synchronisation", "yes" if report["step_free_of_synchronisation"] else "no"],
+    ]  # fmt: skip
+    section.parts.append(markdown_table(["measure", "value"], rows))
     sites = [
         [site["in_step"], site["around_step"], site["loop"].replace("|", "\\|"), site["origin"].replace("|", "\\|")]
         for site in report["sites"]
     ]
-    section.parts.append(markdown_table(["measure", "value"], rows))
     if sites:
         section.parts.append(
             "Where they came from:\n\n" + markdown_table(["in steps", "around", "pretrain.py", "made by"], sites)
         )
-    section.data = {**report, "images_per_s": speeds[-1] if speeds else None, "exit_code": exit_code}
-    section.headline = (
-        f"{report['steps']} steps, {report['in_step']} synchronising calls inside them ({report['detector']}), "
-        f"{report['around_step'] / steps:.1f} per step around them; {knn}"
-    )
+    if "traceback" in report:
+        section.parts.append(f"The run stopped:\n\n```\n{report['traceback']}\n```")
     section.write()
-    if report["exit"] != 0 or report["steps"] == 0:
-        raise RuntimeError(f"the pretraining did not finish: {report['error']}")
+    return {**report, "label": label, "knn": knn, "images_per_s": speeds[-1] if speeds else None}
+
+
+def section_pretrain(section: Section) -> None:
+    section.parts = [
+        "## `examples/pretrain.py` on its synthetic data\n\n"
+        "The step (from the training loader's hand-over of a batch to `GradScaler.update()`: moving the "
+        "views, masking, forward, backward, optimizer step) runs under "
+        f'`torch.cuda.set_sync_debug_mode("{section.sync_debug_mode}")`, the rest of the loop under '
+        '`"warn"`; every synchronising call is recorded with the line of `pretrain.py` it came from and the '
+        "innermost line that made it (`benchmarks/step_sync.py`). On a GPU the run is made twice: as "
+        "`pretrain.py` trains there (float16 AMP, whose gradient scaler decides on the host whether to "
+        "step), and without AMP. On a CPU a dispatch mode stands in for the sync debug mode and also records "
+        "the CPU-only paths (the fills read their mask counts there): only a GPU run says whether the step "
+        "synchronises."
+    ]
+    section.data = {"runs": []}
+    for index, (label, (extra, epochs)) in enumerate(pretraining_runs(section).items()):
+        if index and section.time_left() < 30:
+            section.parts.append(f"### {label}\n\nSkipped: {section.time_left():.0f} s left.")
+            continue
+        run = run_pretraining(section, label, extra, epochs, index)
+        section.data["runs"].append(run)
+        section.save_state("running")
+    described = [
+        f"{run['label']}: {run['steps']} steps, {run.get('in_step', '?')} synchronising calls inside them"
+        for run in section.data["runs"]
+    ]
+    first = section.data["runs"][0]
+    section.headline = "; ".join(described) + f" ({first.get('detector', '-')}); {first.get('knn', '-')}"
+    section.write()
+    failed = [run["label"] for run in section.data["runs"] if run.get("exit") != 0 or not run.get("steps")]
+    if failed:
+        raise RuntimeError(f"the pretraining did not finish: {', '.join(failed)}")
 
 
 SECTION_CODE: dict[str, Callable[[Section], None]] = {
@@ -861,7 +886,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check the script")
     parser.add_argument("--quick", action="store_true", help="small batches and few repeats")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="time for the whole run; later sections skip")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="seconds for the whole run; a section that no longer fits is skipped (default 420)",
+    )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of the gpu_*.md files")
     parser.add_argument(

@@ -192,6 +192,24 @@ class _Tee(io.TextIOBase):
 
 
 @contextlib.contextmanager
+def sync_warnings_recorded(recorder: StepSyncRecorder):
+    """Every warning of CUDA's sync debug mode goes to ``recorder`` with the Python stack that raised it, each
+    time (not once per place, as warnings are by default); other warnings are shown as usual."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=f".*{CUDA_SYNC_MESSAGE}")
+        shown = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if CUDA_SYNC_MESSAGE in str(message):
+                recorder.record(traceback.extract_stack())
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        yield
+
+
+@contextlib.contextmanager
 def step_window(module: ModuleType, recorder: StepSyncRecorder):
     """Open the step when ``module``'s training loader hands over a batch; close it after ``GradScaler.update``."""
 
@@ -241,19 +259,9 @@ def run_pretraining(argv: list[str], mode: str = "warn") -> dict[str, Any]:
     started = time.perf_counter()
     stdout = _Tee(sys.stdout)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(warnings.catch_warnings())
-        warnings.filterwarnings("always", message=f".*{CUDA_SYNC_MESSAGE}")
-        shown = warnings.showwarning
-
-        def showwarning(message, category, filename, lineno, file=None, line=None):
-            if CUDA_SYNC_MESSAGE in str(message):
-                recorder.record(traceback.extract_stack())
-            else:
-                shown(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = showwarning
         stack.enter_context(contextlib.redirect_stdout(stdout))
         if cuda:
+            stack.enter_context(sync_warnings_recorded(recorder))
             torch.cuda.set_sync_debug_mode("warn")
             stack.callback(torch.cuda.set_sync_debug_mode, "default")
         else:
@@ -296,7 +304,11 @@ def summary(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     own, pretrain_argv = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        usage="%(prog)s [--mode {warn,error}] [--report REPORT] -- [pretrain.py arguments]",
+        description=__doc__.split("\n\n")[0],
+        epilog="Everything after -- goes to examples/pretrain.py (e.g. -- --device cuda --epochs 2).",
+    )
     parser.add_argument("--mode", choices=("warn", "error"), default="warn", help="sync debug mode inside the step")
     parser.add_argument("--report", type=Path, help="write the report as JSON here")
     args = parser.parse_args(own)

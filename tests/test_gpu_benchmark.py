@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_a_quick_cpu_run_writes_every_section_beside_the_committed_results(tmp_p
     assert any("saliency cache" in name for name in moco["variants"])
     assert sum("SCDA" in name for name in moco["variants"]) == 2
 
-    pretraining = run["sections"]["pretrain"]["data"]
+    (pretraining,) = run["sections"]["pretrain"]["data"]["runs"]  # on a CPU, AMP is off: one run
     assert pretraining["exit"] == 0 and pretraining["steps"] == 4  # 64 synthetic images in batches of 16
     # pretrain.py's own reads of the device (its per-step log) come after GradScaler.update(): around the steps.
     from_the_loop = [site for site in pretraining["sites"] if site["origin"].startswith("examples/pretrain.py")]
@@ -188,6 +189,30 @@ def test_the_step_window_opens_with_each_batch_and_closes_after_the_scaler_updat
         "batch.sum().item()  # inside the step": (3, 0),
         "batch.max().item()  # the log, after the step": (0, 3),
     }
+
+
+def test_each_warning_of_the_sync_debug_mode_is_recorded_at_its_place_in_or_around_the_step():
+    # On a GPU, torch.cuda.set_sync_debug_mode("warn") raises these warnings from the synchronising call.
+    step_sync = load_step_sync()
+    recorder = step_sync.StepSyncRecorder("warn", cuda=False)
+    training = types.SimpleNamespace(DataLoader=DataLoader)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def synchronising_call() -> None:
+        warnings.warn("called a synchronizing CUDA operation (Triggered internally)", UserWarning, stacklevel=1)
+
+    with step_sync.step_window(training, recorder), step_sync.sync_warnings_recorded(recorder):
+        for _ in training.DataLoader(TensorDataset(torch.arange(4.0)), batch_size=2):
+            synchronising_call()
+            scaler.update()
+            synchronising_call()
+        with pytest.warns(UserWarning, match="another warning"):
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+    (site,) = recorder.sites.values()  # one place: the warn call inside synchronising_call
+    assert (site.in_step, site.around_step) == (2, 2)
+    assert site.origin.endswith(
+        '`warnings.warn("called a synchronizing CUDA operation (Triggered internally)", UserWarning, stacklevel=1)`'
+    )
 
 
 def test_in_error_mode_the_first_synchronisation_inside_a_step_stops_the_run():
