@@ -101,7 +101,7 @@ def settings(device: torch.device, quick: bool) -> dict[str, Any]:
             "moco_batch": 32 if quick else 128,
             "moco_size": 224,
             "moco_queue": 65536,
-            "moco_rounds": 2 if quick else 5,
+            "moco_rounds": 2 if quick else 7,
             "moco_inner": 1 if quick else 3,
             "pretrain": {"train": 512, "val": 256, "batch": 64, "epochs": 2, "workers": 2}
             if quick
