@@ -40,6 +40,8 @@ SECTIONS = [
 # Sections included when present, never run by --run (moco_step.py --only SCDA --name moco_step_scda,
 # ablation.py --name ablation_long --steps 500 ..., variance.py --ablation-config high_pass --name variance_high_pass).
 OPTIONAL = ["moco_step_scda", "ablation_long", "variance_high_pass"]
+# Written by gpu.py on a CUDA machine (never by --run), included when present.
+GPU = ["gpu_summary", "gpu_tests", "gpu_fills", "gpu_moco_step", "gpu_pretrain"]
 
 HEADER = """# salmask benchmarks: results
 
@@ -83,7 +85,7 @@ def assemble(results: Path = RESULTS) -> Path:
         else:
             how = f"python benchmarks/{script or 'ablation.py'}"
             parts.append(f"## {name}\n\nNot run yet: `{how}`.")
-    for name in OPTIONAL:
+    for name in [*OPTIONAL, *GPU]:
         path = results / f"{name}.md"
         if path.is_file():
             parts.append(demote(path.read_text()))
