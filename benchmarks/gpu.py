@@ -602,7 +602,9 @@ def run_pretraining(section: Section, label: str, extra: list[str], epochs: int,
     report_path = section.workdir / f"step_sync_{index}.json"
     pretrain_argv = [
         "--device", section.device.type, "--output-dir", str(output_dir),
-        "--synthetic-train-size", str(config["train"]), "--synthetic-val-size", str(config["val"]),
+        "--train-images", str(config["train"]), "--val-images", str(config["val"]),
+        # The masking step the ablation runs, with hard negatives: filter, noise fill, three mask types.
+        "--strategy", "high_pass",
         "--batch-size", str(config["batch"]), "--epochs", str(epochs), "--warmup-epochs", str(min(1, epochs - 1)),
         "--workers", str(config["workers"]), "--log-every", "10", "--knn-every", "0", *extra,
     ]  # fmt: skip

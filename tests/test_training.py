@@ -45,6 +45,7 @@ from salmask.ssl import (
     load_checkpoint,
     pretrained_encoder,
     save_checkpoint,
+    scaled_release_filters,
     set_rng_state,
     training_state,
 )
@@ -137,7 +138,8 @@ def test_moco_checkpoint_holds_the_whole_training_state(moco_checkpoint):
     assert 0.0 <= knn <= 100.0
     config = checkpoint["config"]
     assert config["method"] == "moco" and config["strategy"] == "high_pass" and config["saliency"] == "truth"
-    assert config["input_filter"] == {"name": "high_pass", "kernel_size": 11, "sigma": 5.0}
+    # The release's 11 px / sigma 5 filter is made for 224 px views; at 32 px it is scaled by 32 / 224.
+    assert config["input_filter"] == {"name": "high_pass", "kernel_size": 3, "sigma": pytest.approx(5.0 * 32 / 224)}
     model = checkpoint["model"]
     assert model["queue.keys"].shape == (128, 16)
     assert any(key.startswith("momentum_encoder.") for key in model)
@@ -278,7 +280,7 @@ def test_linear_eval_applies_the_high_pass_filter_of_a_high_pass_checkpoint(moco
     assert code == 0
     assert re.search(r'epoch 1: \{"epoch": 1, ', err), "epochs are counted from 1 in the log"
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
-    assert "applying HighPassFilter(kernel_size=11, sigma=5.0) to every input" in err
+    assert f"applying {scaled_release_filters(32)[0]!r} to every input" in err
     assert "input filter: high-pass" in out and "linear top-1:" in out
     resumed = load_checkpoint(tmp_path / "checkpoint.pt")
     assert resumed["config"]["recipe"] == "moco" and resumed["config"]["lr"] == 0.1 * 8 / 256
