@@ -38,8 +38,8 @@ SECTIONS = [
     ("variance", "variance.py", [], ["--photo-images", "12", "--images", "50", "--views", "8"]),
 ]
 # Sections included when present, never run by --run (moco_step.py --only SCDA --name moco_step_scda,
-# ablation.py --name ablation_long --steps 500 ..., variance.py --ablation-config high_pass --name variance_high_pass).
-OPTIONAL = ["moco_step_scda", "ablation_long", "variance_high_pass"]
+# variance.py --ablation-config high_pass --name variance_high_pass).
+OPTIONAL = ["moco_step_scda", "variance_high_pass"]
 # Written by gpu.py on a CUDA machine (never by --run), included when present.
 GPU = ["gpu_summary", "gpu_tests", "gpu_fills", "gpu_moco_step", "gpu_pretrain"]
 

@@ -17,10 +17,10 @@ Encoders:
 
 - ``lite0``: the ImageNet-pretrained EfficientNet-Lite0 (offline weights), pooled 1280-d features, on the
   scikit-image photos at 224 px with MoCo v2's augmentations; saliency from SCDA on the same network.
-- ``ablation``: the MoCo v2 ResNet-18 trained by ``benchmarks/ablation.py`` (``--ablation-config``,
-  default ``none``: without masking; seed 0), its 128-d embedding (the space of the contrastive loss, as
-  in the paper's MoCo setting) and its 512-d features, on Fashion-MNIST test images with the ablation's
-  augmentations and filters.
+- ``ablation``: the Fashion-MNIST encoder trained by ``benchmarks/ablation.py`` (``--ablation-config``,
+  default ``none``: without masking; ``--seed``), its embedding (the space of the contrastive loss) and
+  its features, on Fashion-MNIST training images with its pretraining's augmentations, the release
+  filters scaled to the view and the ablation's SCDA saliency.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ import ablation
 from _common import markdown_table, write_report
 
 from salmask import HighPassFilter, build_scda
+from salmask.data import SaliencyDataset
 from salmask.functional import high_pass
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from salmask.ssl import MaskedViews, build_encoder, projection_head
+from salmask.ssl import MaskedViews, load_checkpoint, scaled_release_filters
 
 # Table 7 of the paper (x 1e-3, ResNet-50 MoCo v2, TinyImageNet validation).
 PAPER = {
@@ -133,44 +134,59 @@ def photos_setting(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
-    path = ablation.paths("ablation")["checkpoints"] / f"{args.ablation_config}_seed{args.seed}.pt"
+    folder = ablation.paths("ablation")["checkpoints"] / "fashion-mnist" / args.ablation_config / f"seed{args.seed}"
+    path = folder / "checkpoint.pt"
     if not path.is_file():
         print(f"ablation encoder skipped: {path} not found (run benchmarks/ablation.py first)")
         return None
-    state = torch.load(path, weights_only=True)
-    encoder = build_encoder("resnet18")
-    encoder.load_state_dict(state["encoder"])
-    projector = projection_head(encoder.num_features)
-    projector.load_state_dict(state["projector"])
-    encoder.eval()
-    projector.eval()
-    raw = ablation.load_fashion_mnist(args.data)
-    test = ablation.to_unit(raw["test_images"][: args.images])
-    maps = ablation.scda_saliency(test, input_size=128)
-    saliency = F.interpolate(maps[:, None].float(), size=(ablation.SIZE,) * 2, mode="nearest")
-    generator = torch.Generator().manual_seed(args.seed)
+    sys.path.insert(0, str(ablation.EXAMPLES))
+    import pretrain
+    from _common import dataset_splits
+
+    checkpoint = load_checkpoint(path)
+    config = checkpoint["config"]
+    model = pretrain.build_model(config, world_size=1, on_gpu=False)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    # The projector's output is the space of the contrastive loss.
+    encoder, head = model.encoder, model.projector
+    images, _, _ = dataset_splits(
+        "fashion-mnist", config.get("data"), image_size=config["image_size"], train_transform=None,
+        val_transform=None, train_images=config["train_images"],
+    )  # fmt: skip
+    cache = ablation.saliency_cache("fashion-mnist", args)
+    views_of = SaliencyDataset(images, cache, transform=pretrain.augmentation(config), return_target=False)
+    torch.manual_seed(args.seed)
 
     def make_views(index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        copies = [tensor[index : index + 1].expand(args.views, -1, -1, -1) for tensor in (test, saliency)]
-        return ablation.augment(*copies, generator)
+        views = [views_of[index] for _ in range(args.views)]
+        return torch.stack([view for view, _ in views]), torch.stack(
+            [saliency.as_subclass(torch.Tensor) for _, saliency in views]
+        )
 
+    high_pass, blur = scaled_release_filters(config["image_size"])
+    patch = config["patch_size"] or max(1, config["image_size"] // 7)
     results = measure(
-        list(range(len(test))),
+        list(range(args.images)),
         make_views,
         {
-            "128-d embedding": lambda x: projector(encoder(x)),
-            "512-d features": lambda x: encoder(x),
+            f"{head_dim(head)}-d embedding": lambda x: head(encoder(x)),
+            f"{encoder.num_features}-d features": lambda x: encoder(x),
         },
-        variants(ablation.HIGH_PASS, ablation.STRONG_BLUR, ablation.PATCH, args.seed),
+        variants({"kernel_size": high_pass.kernel_size, "sigma": high_pass.sigma}, blur, patch, args.seed),
     )
     note = (
-        f"MoCo v2 ResNet-18 trained by `benchmarks/ablation.py` with configuration `{args.ablation_config}` "
-        f"(seed {args.seed}), "
-        f"{len(test)} Fashion-MNIST test images x {args.views} views of {ablation.SIZE} px (the ablation's "
-        "augmentations and scaled filters), SCDA saliency of each test image (as the ablation computes it) cropped "
-        "with each view."
+        f"{pretrain.METHOD_NAMES[config['method']]} {config['arch']} (width {config.get('width', 64)}) trained by "
+        f"`benchmarks/ablation.py` with configuration `{args.ablation_config}` (seed {args.seed}), "
+        f"{args.images} Fashion-MNIST training images x {args.views} views of {config['image_size']} px (the "
+        "pretraining's augmentations, the release filters scaled to the view), their SCDA saliency from the "
+        "ablation's cache cropped with each view."
     )
     return note, results
+
+
+def head_dim(head: torch.nn.Module) -> int:
+    return [module for module in head.modules() if isinstance(module, torch.nn.Linear)][-1].out_features
 
 
 def table(note: str, results: dict[str, dict[str, float]]) -> str:
@@ -196,9 +212,11 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=16, help="augmented views per image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--ablation-config", default="none", choices=ablation.CONFIGS, help="which ablation encoder to measure"
+        "--ablation-config",
+        default="none",
+        choices=list(ablation.CONFIGS),
+        help="which ablation encoder (Fashion-MNIST) to measure",
     )
-    parser.add_argument("--data", type=Path, default=ablation.DEFAULT_DATA)
     parser.add_argument("--name", default="variance", help="section file: results/<name>.md")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write results/<name>.md")
     args = parser.parse_args()
