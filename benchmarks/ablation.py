@@ -41,6 +41,7 @@ and report apart.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -50,6 +51,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -103,12 +105,24 @@ def budget_flags(dataset: str, args: argparse.Namespace) -> list[str]:
     return ["--epochs", str(args.epochs or EPOCHS[dataset])]
 
 
+def example_module(name: str) -> ModuleType:
+    """``examples/<name>.py`` imported as the scripts import each other: examples' own ``_common`` is not
+    the ``_common`` of benchmarks/, which is put back afterwards."""
+    ours = sys.modules.pop("_common", None)
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+        sys.modules.pop("_common", None)
+        if ours is not None:
+            sys.modules["_common"] = ours
+
+
 def saliency_cache(dataset: str, args: argparse.Namespace) -> Path:
     """SCDA maps of a data set's training images, computed once for every run and seed (the synthetic
     images do not depend on the seed's draws of the views, only on the data seed, which is fixed here)."""
-    sys.path.insert(0, str(EXAMPLES))
-    from _common import dataset_splits
-
+    dataset_splits = example_module("_common").dataset_splits
     from salmask.saliency import build_scda, compute_saliency_cache, load_saliency_cache
 
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -139,9 +139,8 @@ def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
     if not path.is_file():
         print(f"ablation encoder skipped: {path} not found (run benchmarks/ablation.py first)")
         return None
-    sys.path.insert(0, str(ablation.EXAMPLES))
-    import pretrain
-    from _common import dataset_splits
+    pretrain = ablation.example_module("pretrain")
+    dataset_splits = ablation.example_module("_common").dataset_splits
 
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
