@@ -8,7 +8,7 @@ A quick run writes its sections and its own ``RESULTS.md`` to ``benchmarks/quick
 over the committed results; ``--results DIR`` chooses the folder (``--results benchmarks/results`` replaces
 the committed numbers, for a run on a quiet machine).
 
-``--run`` does not start the ablation (about 45 min of CPU): run ``python benchmarks/ablation.py`` on its
+``--run`` does not start the ablation (about 2 h of two CPU cores): run ``python benchmarks/ablation.py`` on its
 own; its section is picked up once written. The variance benchmark needs the ablation's baseline encoder
 for its second table. Each section keeps the command and the machine that produced it; ``notes.md``
 (written by hand, dated) explains the numbers of the run it names and comes first.
