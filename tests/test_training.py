@@ -437,6 +437,13 @@ def test_a_warm_up_that_covers_the_whole_run_is_refused():
         script("pretrain").resolve_config(["--epochs", "3", "--warmup-epochs", "3"])
 
 
+def test_views_of_data_held_in_memory_refuse_a_blur_and_a_hue_jitter_out_of_range():
+    with pytest.raises(SystemExit, match=r"--blur-probability: must be 0 for the data sets held in memory"):
+        script("pretrain").resolve_config(["--blur-probability", "0.5"])
+    with pytest.raises(SystemExit, match=r"--hue-jitter: must be a finite number in \[0, 0.5\], got 0.7"):
+        script("pretrain").resolve_config(["--hue-jitter", "0.7"])
+
+
 # --- checkpoints --------------------------------------------------------------------------------------
 
 
