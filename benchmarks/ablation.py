@@ -232,27 +232,31 @@ def report(args: argparse.Namespace) -> Path:
                         mean_std([r["knn"] for r in records]),
                         mean_std([r["linear"] for r in records]),
                         ", ".join(f"{r['knn']:.1f}" for r in records),
+                        # Each run's references see its own inputs: high-pass filtered under mscn and high_pass.
+                        mean_std([r["knn_untrained"] for r in records]),
+                        mean_std([r["knn_raw_pixels"] for r in records]),
                         len(records),
                         f"{statistics.mean(r['pretrain_s'] for r in records) / 60:.1f}",
                         ", ".join(sorted({r["commit"] for r in records})),
                     ]
                 )
-        # The references, by the same kNN protocol on the same held-out images, from every run's own printout.
-        untrained = [r["knn_untrained"] for r in done if r["config"] == "none"] or [r["knn_untrained"] for r in done]
-        raw = sorted({r["knn_raw_pixels"] for r in done})
-        rows.append(["random initialisation (untrained encoder)", mean_std(untrained), "", "", len(untrained), "", ""])
-        rows.append(["raw pixels", mean_std(raw), "", "", "", "", ""])
-        epochs = sorted({r["epochs"] for r in done})
+        epochs = ", ".join(str(epoch) for epoch in sorted({r["epochs"] for r in done}))
         table = markdown_table(
-            ["configuration", "kNN top-1", "linear top-1", "kNN per seed", "seeds", "pretrain min / run", "commit"],
+            [
+                "configuration", "kNN top-1", "linear top-1", "kNN per seed", "untrained encoder, kNN",
+                "raw pixels, kNN", "seeds", "pretrain min / run", "commit",
+            ],
             rows,
-        )
+        )  # fmt: skip
         sections.append(
-            f"## {dataset}\n\n{', '.join(map(str, epochs))} epochs per run (the README recipe of "
-            "`examples/pretrain.py`). kNN and linear top-1 in % as mean ± standard deviation over seeds, on the "
-            "held-out images.\n\n" + table
+            f"## {dataset}\n\n{epochs} epochs per run (the README recipe of `examples/pretrain.py`). Top-1 in % "
+            "as mean ± standard deviation over seeds, on the held-out images"
+            + (" (each seed renders its own images)" if dataset == "synthetic" else "")
+            + ". The untrained encoder and raw pixels are scored by the same kNN on the same inputs as the "
+            "run's encoder: high-pass filtered for `mscn` and `high_pass`.\n\n" + table
         )
-    machines = sorted({r["machine"].split("; date")[0] for r in runs.values()})
+    machines = sorted({r["machine"].split(", torch threads")[0] for r in runs.values()})
+    threads = sorted({r["threads"] for r in runs.values()})
     command = "python benchmarks/ablation.py" + (f" --name {args.name}" if args.name != "ablation" else "")
     path = paths(args.name)["report"]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -261,7 +265,8 @@ def report(args: argparse.Namespace) -> Path:
         "",
         f"Command: `{command}`",
         "",
-        "Machines: " + "; ".join(machines),
+        "Machines: " + "; ".join(machines) + f"; torch threads per run: {', '.join(map(str, threads))} (wall "
+        "times are of runs sharing the machine, as the command runs them)",
         "",
         *[section + "\n" for section in sections],
     ]
