@@ -4,6 +4,7 @@ unpickles code from a file."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -63,3 +64,32 @@ def test_no_benchmark_or_example_unpickles_code_and_torch_loads_weights_only_by_
                 if weights_only is not None and not (isinstance(weights_only, ast.Constant) and weights_only.value):
                     unsafe.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
+def _ablation_record(dataset: str, config: str, seed: int, knn: float, untrained: float = 16.0) -> dict:
+    return {
+        "dataset": dataset, "config": config, "seed": seed, "epochs": 30, "knn": knn, "knn_untrained": untrained,
+        "knn_raw_pixels": 18.0, "linear": knn - 2, "pretrain_s": 240.0, "total_s": 300.0, "device": "cpu",
+        "threads": 1, "commit": "abc1234", "machine": "CPU: test, 2 logical cores, torch threads 1; date: x",
+        "finished": "2026-12-01 00:00:00",
+    }  # fmt: skip
+
+
+def test_the_ablation_report_takes_the_newest_record_of_each_run_and_each_run_s_own_references(tmp_path):
+    records = [
+        _ablation_record("synthetic", "none", 0, 10.0),
+        _ablation_record("synthetic", "none", 0, 30.0),  # the same run again: the newest line counts
+        _ablation_record("synthetic", "none", 1, 32.0),
+        _ablation_record("synthetic", "high_pass", 0, 16.0, untrained=12.7),
+    ]
+    (tmp_path / "ablation_runs.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "SALMASK_BENCHMARK_RESULTS": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "ablation.py"), "--report-only"],
+        env=environment, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (tmp_path / "ablation.md").read_text()
+    assert "| `none` | 31.0 ± 1.4 | 29.0 ± 1.4 | 30.0, 32.0 | 16.0 ± 0.0 | 18.0 ± 0.0 | 2 | 4.0 | abc1234 |" in report
+    assert "| `high_pass` | 16.0 | 14.0 | 16.0 | 12.7 | 18.0 | 1 |" in report
+    assert "fashion-mnist" not in report, "a data set without records gets no section"
