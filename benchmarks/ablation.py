@@ -44,7 +44,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -171,7 +170,9 @@ def run_one(dataset: str, config: str, seed: int, args: argparse.Namespace, log)
             pretrain_s = time.perf_counter() - started
             flags += ["--output-dir", str(folder / "linear"), "--device", args.device]
         command = [sys.executable, str(EXAMPLES / script), *flags]
-        log(f"{dataset} {config} seed {seed}: {' '.join(command[1:])}")
+        # Paths relative to the repository, so that the committed log reads the same on any machine.
+        shown = " ".join(os.path.relpath(part, ROOT) if part.startswith(str(ROOT)) else part for part in command[1:])
+        log(f"{dataset} {config} seed {seed}: {shown}")
         result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{dataset} {config} seed {seed}: {script} failed:\n{result.stderr[-3000:]}")
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         with log_path.open("a") as handle:
             handle.write(line + "\n")
 
-    log(f"{len(todo)} runs to do, {args.jobs} at a time, on {platform.node() or 'this machine'} ({commit()})")
+    log(f"{len(todo)} runs to do, {args.jobs} at a time, at commit {commit()}")
     for dataset in {dataset for dataset, config, _ in todo if uses_scda(dataset, config)}:
         saliency_cache(dataset, args)  # once, before the runs that share it start
 
