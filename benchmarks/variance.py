@@ -206,7 +206,7 @@ def table(note: str, results: dict[str, dict[str, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoders", nargs="+", default=["lite0", "ablation"], choices=["lite0", "ablation"])
-    parser.add_argument("--images", type=int, default=500, help="Fashion-MNIST test images (ablation encoder)")
+    parser.add_argument("--images", type=int, default=500, help="Fashion-MNIST training images (ablation encoder)")
     parser.add_argument("--photo-images", type=int, default=48, help="photos, cycled with fresh views (lite0)")
     parser.add_argument("--views", type=int, default=16, help="augmented views per image")
     parser.add_argument("--seed", type=int, default=0)
