@@ -1,7 +1,7 @@
 """The ablation: every masking strategy, with and without hard negatives and saliency from SCDA or the
 truth, on the synthetic shapes and Fashion-MNIST, three seeds, at a budget where pretraining learns.
 
-    python benchmarks/ablation.py                       # everything below, about 2 h 15 min on two CPU cores
+    python benchmarks/ablation.py                       # everything below: 2 h 48 min on two CPU cores
     python benchmarks/ablation.py --datasets synthetic --configs none mean --seeds 0 --epochs 2   # a smoke run
     python benchmarks/ablation.py --report-only         # rewrite results/ablation.md from the records
     python benchmarks/ablation.py --device cuda --jobs 1

@@ -578,6 +578,11 @@ def check_config(config: dict[str, Any]) -> None:
         fail("saliency_cache", f"{config['saliency_cache']} does not exist")
 
 
+def hue_jitter(config: dict[str, Any]) -> float:
+    """The hue jitter's range: ``--hue-jitter``, else MoCo v2's quarter of the colour jitter strength."""
+    return config["color_jitter"] / 4 if config.get("hue_jitter") is None else config["hue_jitter"]
+
+
 def augmentation(config: dict[str, Any]) -> v2.Compose:
     """The method's views; the v2 transforms crop and flip a Saliency map together with its image.
 
@@ -585,7 +590,6 @@ def augmentation(config: dict[str, Any]) -> v2.Compose:
     twice the jitter), each a setting.
     """
     size, strength = config["image_size"], config["color_jitter"]
-    hue = strength / 4 if config.get("hue_jitter") is None else config["hue_jitter"]
     blur_kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the view, odd
     blur = []
     if config["blur_probability"] > 0:
@@ -595,7 +599,7 @@ def augmentation(config: dict[str, Any]) -> v2.Compose:
             v2.RGB(),
             v2.RandomResizedCrop(size, scale=tuple(config["crop_scale"]), antialias=True),
             v2.ToImage(),
-            v2.RandomApply([v2.ColorJitter(strength, strength, strength, hue)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(strength, strength, strength, hue_jitter(config))], p=0.8),
             v2.RandomGrayscale(p=0.2),
             *blur,
             v2.RandomHorizontalFlip(),
@@ -665,11 +669,10 @@ def in_memory_training_set(
 
 def batch_views(config: dict[str, Any]) -> BatchViews:
     """The views of :func:`augmentation`, drawn a batch at a time (data held in memory)."""
-    strength = config["color_jitter"]
-    hue = strength / 4 if config.get("hue_jitter") is None else config["hue_jitter"]
     return BatchViews(
-        config["image_size"], tuple(config["crop_scale"]), strength, hue, tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
-    )
+        config["image_size"], tuple(config["crop_scale"]), config["color_jitter"], hue_jitter(config),
+        tuple(IMAGENET_MEAN), tuple(IMAGENET_STD),
+    )  # fmt: skip
 
 
 def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:

@@ -73,6 +73,42 @@ def test_crops_cover_the_drawn_fraction_of_the_image():
     assert ((fraction > 0) & (fraction < 1)).any()
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    low=st.floats(0.05, 1.0), width=st.floats(0.0, 1.0), height=st.integers(8, 64), aspect=st.floats(0.25, 4.0),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_every_crop_has_a_drawn_area_and_aspect_ratio_and_lies_inside_the_image(low, width, height, aspect, seed):
+    high = low + (1 - low) * width
+    side = max(1, round(height * aspect))
+    views = BatchViews(8, (low, high), 0.0, 0.0, **IDENTITY)
+    theta = views._crop_and_flip(64, height, side, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    crop_w, crop_h = theta[:, 0, 0].abs(), theta[:, 1, 1]  # fractions of the image's width and height
+    assert torch.all(theta[:, 0, 1] == 0) and torch.all(theta[:, 1, 0] == 0)
+    whole = (crop_w == 1) & (crop_h == 1)  # torchvision's fallback when ten draws do not fit
+    area, ratio = crop_w * crop_h, (crop_w * side) / (crop_h * height)
+    tolerance = 1e-5
+    assert torch.all(whole | ((area >= low - tolerance) & (area <= high + tolerance)))
+    assert torch.all(whole | ((ratio >= 3 / 4 - tolerance) & (ratio <= 4 / 3 + tolerance)))
+    assert torch.all(theta[:, 0, 2].abs() <= 1 - crop_w + tolerance)
+    assert torch.all(theta[:, 1, 2].abs() <= 1 - crop_h + tolerance)
+
+
+def test_brightness_is_drawn_per_image_in_its_range_and_applied_to_four_in_five():
+    # On a uniform grey image only the brightness changes anything: contrast, saturation and grayscale
+    # leave grey as it is, so each view is the grey times the image's brightness factor.
+    grey = torch.full((400, 3, 8, 8), 128, dtype=torch.uint8)
+    out, _ = BatchViews(8, (1.0, 1.0), 0.4, 0.0, **IDENTITY)(grey, None, torch.Generator().manual_seed(0))
+    factor = out / (128 / 255)
+    per_image = factor.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image), atol=1e-5)
+    factor = per_image[:, 0]
+    assert factor.min() >= 0.6 - 1e-5 and factor.max() <= 1.4 + 1e-5
+    assert factor.min() < 0.7 and factor.max() > 1.3
+    unchanged = int(((factor - 1).abs() < 1e-5).sum())
+    assert 40 < unchanged < 120, f"{unchanged} of 400 views without jitter; expected about 80 (p = 0.2)"
+
+
 @settings(max_examples=25, deadline=None)
 @given(hue=st.floats(-0.5, 0.5), seed=st.integers(0, 2**16))
 def test_the_hue_shift_is_torchvisions(hue, seed):
