@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation
 from _common import markdown_table, write_report
 
-from salmask import HighPassFilter, build_scda
-from salmask.data import SaliencyDataset
+from salmask import build_scda
 from salmask.functional import high_pass
 from salmask.saliency import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from salmask.ssl import MaskedViews, load_checkpoint, scaled_release_filters
@@ -59,9 +58,12 @@ def representation_variance(embeddings: torch.Tensor) -> float:
     return embeddings.var(dim=1).mean().item()
 
 
-def variants(high_pass_options: dict, blur_options: dict, patch: int, seed: int) -> dict[str, Callable]:
-    """Each row's change to a batch of standard views: ``f(views, saliency) -> views``."""
+def variants(view_size: int, patch: int, seed: int) -> dict[str, Callable]:
+    """Each row's change to a batch of standard views: ``f(views, saliency) -> views``, with the release's
+    filters scaled to ``view_size`` (unscaled at 224 px)."""
     generator = torch.Generator().manual_seed(seed)
+    input_filter, blur_options = scaled_release_filters(view_size)
+    high_pass_options = {"kernel_size": input_filter.kernel_size, "sigma": input_filter.sigma}
 
     def masked(strategy: str, **options) -> Callable:
         module = MaskedViews(strategy, hard_negatives=False, patch_size=patch, generator=generator, **options)
@@ -69,9 +71,9 @@ def variants(high_pass_options: dict, blur_options: dict, patch: int, seed: int)
 
     return {
         "standard": lambda views, saliency: views,
-        "+ high-pass masking": masked("high_pass", input_filter=HighPassFilter(**high_pass_options)),
+        "+ high-pass masking": masked("high_pass", input_filter=input_filter),
         "high-pass filter, no masking": lambda views, saliency: high_pass(views, **high_pass_options),
-        "+ strong blur masking": masked("blur", fill_options=dict(blur_options)),
+        "+ strong blur masking": masked("blur", fill_options=blur_options),
         "+ mean masking": masked("mean"),
     }
 
@@ -122,7 +124,7 @@ def photos_setting(args: argparse.Namespace) -> tuple[str, dict]:
         images,
         make_views,
         {"1280-d pooled features": lambda x: backbone(x).mean((2, 3))},
-        variants({"kernel_size": 11, "sigma": 5.0}, {"kernel_size": 31, "sigma": 10.0}, 32, args.seed),
+        variants(224, 32, args.seed),
     )
     note = (
         f"EfficientNet-Lite0 (ImageNet, offline weights), {len(set(PHOTOS))} scikit-image photos "
@@ -140,7 +142,6 @@ def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
         print(f"ablation encoder skipped: {path} not found (run benchmarks/ablation.py first)")
         return None
     pretrain = ablation.example_module("pretrain")
-    dataset_splits = ablation.example_module("_common").dataset_splits
 
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
@@ -149,22 +150,17 @@ def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
     model.eval()
     # The projector's output is the space of the contrastive loss.
     encoder, head = model.encoder, model.projector
-    images, _, _ = dataset_splits(
-        "fashion-mnist", config.get("data"), image_size=config["image_size"], train_transform=None,
-        val_transform=None, train_images=config["train_images"],
-    )  # fmt: skip
-    cache = ablation.saliency_cache("fashion-mnist", args)
-    views_of = SaliencyDataset(images, cache, transform=pretrain.augmentation(config), return_target=False)
-    torch.manual_seed(args.seed)
+    # The training images as the pretraining held them, with the ablation's SCDA saliency, and its views.
+    splits = {key: config[key] for key in ("image_size", "train_images", "val_images", "seed")}
+    with_cache = {**config, "saliency": "cache", "saliency_cache": ablation.saliency_cache("fashion-mnist", args)}
+    images, saliency, _ = pretrain.in_memory_training_set(with_cache, torch.device("cpu"), True, splits).tensors
+    views_of = pretrain.batch_views(config)
+    generator = torch.Generator().manual_seed(args.seed)
 
     def make_views(index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        views = [views_of[index] for _ in range(args.views)]
-        return torch.stack([view for view, _ in views]), torch.stack(
-            [saliency.as_subclass(torch.Tensor) for _, saliency in views]
-        )
+        copies = [tensor[index : index + 1].expand(args.views, -1, -1, -1) for tensor in (images, saliency)]
+        return views_of(*copies, generator)
 
-    high_pass, blur = scaled_release_filters(config["image_size"])
-    patch = config["patch_size"] or max(1, config["image_size"] // 7)
     results = measure(
         list(range(args.images)),
         make_views,
@@ -172,7 +168,7 @@ def ablation_setting(args: argparse.Namespace) -> tuple[str, dict] | None:
             f"{head_dim(head)}-d embedding": lambda x: head(encoder(x)),
             f"{encoder.num_features}-d features": lambda x: encoder(x),
         },
-        variants({"kernel_size": high_pass.kernel_size, "sigma": high_pass.sigma}, blur, patch, args.seed),
+        variants(config["image_size"], pretrain.patch_size(config), args.seed),
     )
     note = (
         f"{pretrain.METHOD_NAMES[config['method']]} {config['arch']} (width {config.get('width', 64)}) trained by "

@@ -680,11 +680,15 @@ def step_seed(seed: int, rank: int, epoch: int, step: int) -> int:
     return (((seed * 1_000_003 + rank) * 1_000_003 + epoch) * 1_000_003 + step) % 2**63
 
 
+def patch_size(config: dict[str, Any]) -> int:
+    """The mask patches' side: ``--patch-size``, else a seventh of the view (the paper's 32 px at 224 px)."""
+    return config["patch_size"] or max(1, config["image_size"] // 7)
+
+
 def build_masker(config: dict[str, Any], device: torch.device) -> MaskedViews:
     scda = None
     if config["saliency"] == "scda" and config["dataset"] not in IN_MEMORY and config["strategy"] not in ("none",):
         scda = build_scda(config["scda_backbone"], config["scda_weights"], threshold_std=config["scda_threshold"])
-    patch_size = config["patch_size"] or max(1, config["image_size"] // 7)
     options: dict[str, Any] = {}
     if config["strategy"] != "none":
         options = {
@@ -698,7 +702,11 @@ def build_masker(config: dict[str, Any], device: torch.device) -> MaskedViews:
     elif config["strategy"] == "blur":
         options.update(fill_options=blur, hard_negative_fill_options=blur)
     masker = MaskedViews(
-        config["strategy"], scda=scda, hard_negatives=config["hard_negatives"], patch_size=patch_size, **options
+        config["strategy"],
+        scda=scda,
+        hard_negatives=config["hard_negatives"],
+        patch_size=patch_size(config),
+        **options,
     )
     if masker.needs_saliency and config["saliency"] == "none":
         raise SystemExit(
