@@ -36,6 +36,7 @@ SECTIONS = [
     ("moco_step", "moco_step.py", [], ["--archs", "resnet18", "--batch", "8", "--repeats", "2"]),
     ("ablation", None, [], []),
     ("variance", "variance.py", [], ["--photo-images", "12", "--images", "50", "--views", "8"]),
+    ("views", "views.py", [], ["--repeats", "3"]),
 ]
 # Sections included when present, never run by --run (moco_step.py --only SCDA --name moco_step_scda,
 # variance.py --ablation-config high_pass --name variance_high_pass).

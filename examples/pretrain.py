@@ -168,17 +168,17 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The two data sets held in memory train a run that learns visibly in a few CPU minutes (README):
+# The two data sets held in memory train a run that learns visibly in a few CPU minutes; each choice below
+# was measured against its alternative (README, "The main job, and why its defaults"):
 # - a ResNet-18 sixteen times narrower (widths 16-128) with a stride-2 3x3 stem, so that two CPU cores
 #   take about a thousand steps of 128 views of 32 px in three minutes;
 # - SimCLR by default: no queue to fill and no momentum encoder lagging behind, so its features move
-#   from the first steps (at 250 steps: kNN 27.9 % against MoCo v2's 20.1 % on the synthetic shapes);
-# - AdamW at 2e-3 (LARS at lr 1.0 reached 22.3 % where AdamW reached 30.3 % after 500 steps), with a
-#   temperature of 0.1 (0.5: 21.1 % at 250 steps), crops of 50-100 % of the image so that a crop keeps
-#   the object, MoCo v2's colour jitter (its hue jitter matters: without it kNN was 22.4 % against 29.1 %
-#   after 20 epochs), no Gaussian blur (SimCLR's CIFAR recipe drops it at 32 px);
-# - the views drawn a batch at a time in the training process (BatchViews, about 15 ms per 128 views),
-#   not per image in data workers (about 190 ms per 128 views, more than the training step itself);
+#   from the first steps, where MoCo v2 learns slower;
+# - AdamW at 2e-3 (LARS learned slower), a temperature of 0.1, crops of 50-100 % of the image so that a
+#   crop keeps the object, MoCo v2's colour jitter with its hue jitter, no Gaussian blur (SimCLR's CIFAR
+#   recipe drops it at 32 px);
+# - the views drawn a batch at a time in the training process (BatchViews), not per image in data workers,
+#   where they cost nearly as much as the training step itself;
 # - the synthetic images carry their object's true mask, used as saliency ("truth"); "scda" computes
 #   SCDA maps once per image, each upsampled to 224 px (at 32 px the network would see a 1 x 1 map).
 IN_MEMORY_DEFAULTS: dict[str, Any] = {
